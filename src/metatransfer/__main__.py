@@ -1,0 +1,3 @@
+from metatransfer.cli import main
+
+raise SystemExit(main())
