@@ -87,7 +87,8 @@ def create_backbone(
         ValueError: unknown name, or an invalid argument.
     """
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(list_backbones())}")
+        known = ", ".join(list_backbones())
+        raise ValueError(f"unknown backbone {name!r}; known backbones: {known}")
     return BACKBONES[name](in_chans=in_chans, width=width, drop_rate=drop_rate)
 
 
@@ -245,7 +246,7 @@ def _resnet(
     width: float,
     drop_rate: float,
 ) -> Backbone:
-    """3x3 stem conv (bias) + BN + ReLU, then stages of ``BasicBlock``s, each opening at stride 2."""
+    """3x3 stem conv (bias) + BN + ReLU, then stages of ``BasicBlock``s opening at stride 2."""
     _check_args(in_chans, width, drop_rate)
     in_chs = _scaled(stem_width, width)
     layers: list[nn.Module] = [
@@ -262,7 +263,7 @@ def _resnet(
     return Backbone(nn.Sequential(*layers), in_chs, drop_rate)
 
 
-# --- registered constructors: hyper-parameters only ------------------------------------------------
+# --- registered constructors: hyper-parameters only -----------------------------------------------
 
 
 @register_backbone
@@ -274,13 +275,17 @@ def conv4(*, in_chans: int = 3, width: float = 1.0, drop_rate: float = 0.0) -> B
 @register_backbone
 def resnet12(*, in_chans: int = 3, width: float = 1.0, drop_rate: float = 0.0) -> Backbone:
     """ResNet-12 of the MTL paper's TF code, widths 64-128-256-512; 512-d features, ~8.0M params."""
-    return _resnet12(widths=(64, 128, 256, 512), in_chans=in_chans, width=width, drop_rate=drop_rate)
+    return _resnet12(
+        widths=(64, 128, 256, 512), in_chans=in_chans, width=width, drop_rate=drop_rate
+    )
 
 
 @register_backbone
 def resnet12_wide(*, in_chans: int = 3, width: float = 1.0, drop_rate: float = 0.0) -> Backbone:
-    """ResNet-12 with widths 64-160-320-640 (MetaOptNet and later); 640-d features, ~12.4M params."""
-    return _resnet12(widths=(64, 160, 320, 640), in_chans=in_chans, width=width, drop_rate=drop_rate)
+    """ResNet-12 with widths 64-160-320-640 (MetaOptNet and later); 640-d, ~12.4M params."""
+    return _resnet12(
+        widths=(64, 160, 320, 640), in_chans=in_chans, width=width, drop_rate=drop_rate
+    )
 
 
 @register_backbone

@@ -67,7 +67,9 @@ def scale_shift_conv2d(
     """
     out_chs = weight.shape[0]
     if scale.shape not in ((out_chs, weight.shape[1], 1, 1), (out_chs, 1, 1, 1)):
-        raise ValueError(f"scale shape {tuple(scale.shape)} does not fit weight {tuple(weight.shape)}")
+        raise ValueError(
+            f"scale shape {tuple(scale.shape)} does not fit weight {tuple(weight.shape)}"
+        )
     if shift.shape != (out_chs,):
         raise ValueError(f"shift shape {tuple(shift.shape)} must be ({out_chs},)")
     bias = shift if bias is None else bias + shift
@@ -126,7 +128,9 @@ class ScaleShiftConv2d(nn.Module):
             ValueError: a conv with a padding_mode other than "zeros".
         """
         if conv.padding_mode != "zeros":
-            raise ValueError(f"only zero padding is supported, got padding_mode={conv.padding_mode!r}")
+            raise ValueError(
+                f"only zero padding is supported, got padding_mode={conv.padding_mode!r}"
+            )
         module = cls(
             conv.weight,
             conv.bias,
@@ -154,7 +158,7 @@ class ScaleShiftConv2d(nn.Module):
 
     @torch.no_grad()
     def fold(self) -> nn.Conv2d:
-        """A plain ``nn.Conv2d`` with weight ``W * scale`` and bias ``b + shift`` (b = 0 if absent)."""
+        """Plain ``nn.Conv2d``, weight ``W * scale`` and bias ``b + shift`` (b = 0 if None)."""
         conv = nn.Conv2d(
             self.in_channels,
             self.out_channels,
@@ -208,7 +212,8 @@ def apply_scale_shift(
         raise ValueError(f"mode must be one of {SCALE_SHIFT_MODES}, got {mode!r}")
     if isinstance(model, nn.Conv2d):
         raise ValueError("cannot replace the root module in place; use ScaleShiftConv2d.from_conv")
-    wrapped: dict[int, ScaleShiftConv2d] = {}  # by id, so a conv shared by two parents is wrapped once
+    # Keyed by id, so a conv shared by two parents is wrapped once.
+    wrapped: dict[int, ScaleShiftConv2d] = {}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Conv2d) and (include_shortcuts or not _is_shortcut(child)):
@@ -238,4 +243,5 @@ def fold_scale_shift(model: nn.Module) -> nn.Module:
 
 def scale_shift_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The ``scale`` and ``shift`` parameters of every ``ScaleShiftConv2d`` in ``model``."""
-    return [p for m in model.modules() if isinstance(m, ScaleShiftConv2d) for p in (m.scale, m.shift)]
+    modules = [m for m in model.modules() if isinstance(m, ScaleShiftConv2d)]
+    return [p for m in modules for p in (m.scale, m.shift)]
