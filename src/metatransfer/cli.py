@@ -1,0 +1,130 @@
+"""The `mtl` command: parses arguments, builds the config, calls the phase functions. Nothing else.
+
+    mtl data prepare fc100 --source cifar100_png.zip --root data
+    mtl run --preset fc100-cpu --data-root data --out runs/fc100
+    mtl pretrain | meta-train | meta-test --preset P --out RUN [section.key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, *, needs_out: bool = True) -> None:
+    parser.add_argument("--preset", help="a shipped preset name (see `mtl presets`) or a YAML file")
+    parser.add_argument("--data-root", help="where `mtl data prepare` wrote its caches (data.root)")
+    parser.add_argument("--out", required=needs_out, type=Path, help="the run directory")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out with the config saved there")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. meta_train.iterations=500")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtl", description="Meta-Transfer Learning for few-shot image classification.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = commands.add_parser("data", help="prepare and inspect benchmark datasets").add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    prepare = data.add_parser("prepare", help="convert a raw dataset into the cache training reads")
+    prepare.add_argument("name", help="omniglot, fc100, cifar-fs, miniimagenet, tieredimagenet or folder")
+    prepare.add_argument("--source", type=Path, help="archive or folder holding the raw dataset")
+    prepare.add_argument("--root", type=Path, required=True, help="folder that receives <name>/ with the cache")
+    prepare.add_argument("--download", action="store_true", help="fetch the canonical archive (omniglot, fc100, cifar-fs) and check its md5")
+    prepare.add_argument("--split-dir", type=Path, help="split files (Omniglot Vinyals txt, mini/tiered CSVs)")
+    prepare.add_argument("--rotations", action="store_true", help="omniglot: add 90/180/270-degree rotations as classes")
+    prepare.add_argument("--image-size", type=int, help="side of the stored square images (default per benchmark)")
+    prepare.add_argument("--split-ratios", default="0.64,0.16,0.20", help="folder without split dirs: train,val,test class ratios")
+    prepare.add_argument("--seed", type=int, default=0, help="folder: seed of the class split")
+    prepare.add_argument("--name", dest="output_name", help="store under this name instead of the benchmark's")
+    info = data.add_parser("info", help="classes and images per split, image size, checksums")
+    info.add_argument("name")
+    info.add_argument("--root", type=Path, required=True)
+
+    run = commands.add_parser("run", help="all three phases: pre-train, meta-train, meta-test")
+    _add_run_arguments(run)
+    for name, text in (("pretrain", "phase 1: pre-train the backbone on the base classes"),
+                       ("meta-train", "phase 2: meta-transfer (scaling-shifting + base-learner init, hard tasks)"),
+                       ("meta-test", "phase 3: few-shot accuracy with 95% CI on unseen classes")):
+        _add_run_arguments(commands.add_parser(name, help=text))
+
+    commands.add_parser("presets", help="list the shipped presets")
+    commands.add_parser("backbones", help="list the registered backbones")
+    show = commands.add_parser("config", help="print the resolved config of a preset and overrides")
+    _add_run_arguments(show, needs_out=False)
+    return parser
+
+
+def _config_for(args: argparse.Namespace):
+    from metatransfer.config import load_config
+    from metatransfer.run import read_run_config
+
+    if getattr(args, "resume", False):
+        if args.preset or args.overrides:
+            raise ValueError("--resume continues a run as it was configured; leave out --preset and overrides.")
+        return read_run_config(args.out)
+    overrides = list(args.overrides)
+    if args.data_root:
+        overrides.insert(0, f"data.root={args.data_root}")
+    return load_config(args.preset, overrides)
+
+
+def _run_phases(args: argparse.Namespace, phases: Sequence[str]) -> None:
+    from metatransfer.phases import meta_test, meta_train, pretrain
+    from metatransfer.run import prepare_run_dir
+
+    config = _config_for(args)
+    prepare_run_dir(args.out, config)
+    modules = {"pretrain": pretrain, "meta-train": meta_train, "meta-test": meta_test}
+    for phase in phases:
+        modules[phase].run(config, args.out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "data":
+            if args.data_command == "prepare":
+                from metatransfer.data.prepare import prepare_dataset
+
+                ratios = tuple(float(part) for part in args.split_ratios.split(","))
+                prepare_dataset(
+                    args.name, args.source, args.root, download=args.download, split_dir=args.split_dir,
+                    rotations=args.rotations, image_size=args.image_size, split_ratios=ratios, seed=args.seed,
+                    output_name=args.output_name,
+                )
+            else:
+                from metatransfer.data.cache import describe
+
+                print(describe(args.root, args.name))
+        elif args.command == "run":
+            _run_phases(args, ["pretrain", "meta-train", "meta-test"])
+        elif args.command in ("pretrain", "meta-train", "meta-test"):
+            _run_phases(args, [args.command])
+        elif args.command == "presets":
+            from metatransfer.config import list_presets
+
+            print("\n".join(list_presets()))
+        elif args.command == "backbones":
+            from metatransfer.models.backbones import list_backbones
+
+            print("\n".join(list_backbones()))
+        elif args.command == "config":
+            import yaml
+
+            from metatransfer.config import config_to_dict
+
+            print(yaml.safe_dump(config_to_dict(_config_for(args)), sort_keys=False), end="")
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+        print(f"mtl: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mtl: interrupted; rerun with --resume to continue from the last checkpoint.", file=sys.stderr)
+        return 130
+    return 0
+
+
+_ = json

@@ -1,0 +1,246 @@
+"""The one home of every default: typed dataclasses, YAML presets that set differences, overrides.
+
+A run is described by one `Config`. Presets (`presets/<name>.yaml`, or any YAML path) hold only the
+values that differ from the defaults below; `section.key=value` overrides come last. Unknown keys
+and values of the wrong type fail loudly, so a typo never silently trains the wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "PretrainConfig",
+    "BaseLearnerConfig",
+    "MetaTrainConfig",
+    "HardTaskConfig",
+    "MetaTestConfig",
+    "list_presets",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+]
+
+
+@dataclass
+class DataConfig:
+    name: str = "fc100"  # prepared dataset folder under root (see `mtl data prepare`)
+    root: str = "data"  # where `mtl data prepare` wrote its caches
+    augment: str = "crop_flip"  # pre-training augmentation: none | crop_flip | resized_crop_flip
+    crop_padding: int = 4  # pixels of zero padding for crop_flip (CIFAR habit)
+    color_jitter: float = 0.0  # strength of brightness/contrast/saturation jitter, 0 = off
+    hflip: bool = True  # random horizontal flips (off for Omniglot: strokes have a direction)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet12"  # see `mtl backbones`: conv4, resnet12, resnet12_wide, resnet25
+    width: float = 1.0  # channel multiplier, for quick CPU runs
+    drop_rate: float = 0.1  # dropout before the features during pre-training (TF code: keep 0.9)
+    adapt: str = "ss"  # what meta-transfer learns in the backbone: ss (scale-shift) | ft (all convs)
+    ss_mode: str = "kernel"  # scale per (out, in) kernel slice (paper's code) or per out "channel"
+    ss_shortcuts: bool = False  # also scale-shift the 1x1 shortcut convs (PyTorch port does)
+    bn_mode: str = "frozen"  # frozen running statistics | batch (transductive, the TF code's way)
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | step
+    lr_step: int = 30  # epochs between decays, for schedule=step
+    lr_gamma: float = 0.2  # decay factor, for schedule=step
+    label_smoothing: float = 0.0
+    val_every: int = 1  # epochs between few-shot validations that pick the best checkpoint
+    val_episodes: int = 600
+    val_shot: int = 1  # 5-way val_shot episodes, a fresh FC fine-tuned on frozen features
+
+
+@dataclass
+class BaseLearnerConfig:
+    """The linear base-learner fine-tuned on each task's support set (inner loop)."""
+
+    steps: int = 100  # gradient steps on the support set (PyTorch port: 100; TF code: 20)
+    lr: float = 0.01  # step size on the mean cross-entropy
+    init: str = "kaiming"  # meta-learned init's starting value: kaiming | xavier | zeros
+
+
+@dataclass
+class HardTaskConfig:
+    """The hard-task meta-batch (journal version; authors' preliminary TF code as default)."""
+
+    enabled: bool = True
+    normal_iterations: int = 10  # normal meta-batches whose failure classes form the pool
+    hard_iterations: int = 5  # hard meta-batches re-sampled from the pool after them
+    start: int = 10  # first meta-iteration at which HT may run (authors' code: after 10)
+    fresh_images: bool = True  # draw new images of the failure classes (papers: better)
+    min_classes: int = 0  # pool size needed for hard tasks; 0 = n_way (fewer: skip this cycle)
+
+
+@dataclass
+class MetaTrainConfig:
+    iterations: int = 20000  # meta-batches, hard ones included (they count, as in the TF code)
+    n_way: int = 5
+    n_shot: int = 1
+    n_query: int = 15
+    n_tasks: int = 2  # tasks per meta-batch, forwarded through the backbone together
+    first_order: bool = False  # True: query loss reaches SS through query features only
+    lr_ss: float = 1e-4  # Adam learning rate of the scale-shift (or FT) parameters
+    lr_head: float = 1e-3  # Adam learning rate of the base-learner initialisation theta
+    lr_decay_every: int = 1000  # iterations between halvings of both rates
+    lr_gamma: float = 0.5
+    val_every: int = 500  # iterations between validations that pick the best checkpoint
+    val_episodes: int = 600
+    hard_tasks: HardTaskConfig = field(default_factory=HardTaskConfig)
+
+
+@dataclass
+class MetaTestConfig:
+    episodes: int = 600
+    n_way: list[int] = field(default_factory=lambda: [5])
+    n_shot: list[int] = field(default_factory=lambda: [1, 5])
+    n_query: int = 15  # per class; the paper's protocol uses n_query = n_shot
+    protocol: str = "standard"  # standard | paper (K queries, support doubled by h-flip)
+    split: str = "test"
+    seed: int = 1  # episodes depend on this seed only: the same on every machine
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # bf16 autocast on CPU (AMX) and on CUDA
+    channels_last: bool = True
+    checkpoint_every: int = 200  # steps between resumable checkpoints inside a phase
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    base_learner: BaseLearnerConfig = field(default_factory=BaseLearnerConfig)
+    meta_train: MetaTrainConfig = field(default_factory=MetaTrainConfig)
+    meta_test: MetaTestConfig = field(default_factory=MetaTestConfig)
+
+
+_CHOICES = {
+    "data.augment": ("none", "crop_flip", "resized_crop_flip"),
+    "model.adapt": ("ss", "ft"),
+    "model.ss_mode": ("kernel", "channel"),
+    "model.bn_mode": ("frozen", "batch"),
+    "pretrain.schedule": ("cosine", "step"),
+    "base_learner.init": ("kaiming", "xavier", "zeros"),
+    "meta_test.protocol": ("standard", "paper"),
+    "meta_test.split": ("train", "val", "test"),
+}
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped with the package."""
+    folder = resources.files("metatransfer") / "presets"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_preset(preset: str) -> dict[str, Any]:
+    path = Path(preset)
+    if not path.suffix:
+        packaged = resources.files("metatransfer") / "presets" / f"{preset}.yaml"
+        if not packaged.is_file():
+            raise ValueError(f"Unknown preset {preset!r}. Shipped presets: {', '.join(list_presets())}; or give a YAML path.")
+        return yaml.safe_load(packaged.read_text()) or {}
+    if not path.is_file():
+        raise FileNotFoundError(f"Preset file {path} does not exist.")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"Preset file {path} must hold a mapping of sections, not {type(values).__name__}.")
+    return values
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check (and gently convert) one value against its field's type annotation."""
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        items = value if isinstance(value, list) else [value]
+        return [_coerce(item, item_type, key) for item in items]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ValueError(f"Config key {key} expects {getattr(annotation, '__name__', annotation)}, got {value!r}.")
+
+
+def _apply(target: Any, values: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(target))
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(f"{prefix}{name}" for name in hints)
+            raise ValueError(f"Unknown config key {dotted!r}. Known keys here: {known}.")
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"Config key {dotted!r} is a section; give its keys, e.g. {dotted}.<key>=...")
+            _apply(current, value, f"{dotted}.")
+            continue
+        value = _coerce(value, hints[key], dotted)
+        if dotted in _CHOICES and value not in _CHOICES[dotted]:
+            raise ValueError(f"Config key {dotted} must be one of {', '.join(_CHOICES[dotted])}; got {value!r}.")
+        setattr(target, key, value)
+
+
+def _parse_override(text: str) -> dict[str, Any]:
+    """Turn 'a.b.c=value' into {'a': {'b': {'c': value}}}, the value read as YAML (1e-3, true, [1, 5])."""
+    if "=" not in text:
+        raise ValueError(f"Override {text!r} must look like section.key=value.")
+    dotted, raw = text.split("=", 1)
+    value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str) and "," in value:  # meta_test.n_shot=1,5
+        value = [yaml.safe_load(part) for part in value.split(",")]
+    tree: dict[str, Any] = {}
+    node = tree
+    parts = dotted.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return tree
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    config = Config()
+    _apply(config, values)
+    return config
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def load_config(preset: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the preset's differences, then `section.key=value` overrides, in that order."""
+    config = Config()
+    if preset:
+        _apply(config, _read_preset(preset))
+    for text in overrides:
+        _apply(config, _parse_override(text))
+    return config
+

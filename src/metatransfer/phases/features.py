@@ -1,0 +1,97 @@
+"""Backbone construction and feature extraction shared by the three phases.
+
+With BatchNorm frozen at its running statistics (the default), a backbone maps each image to one
+feature vector whatever task it is in, so a split's features are computed once and every episode
+indexes them. The transductive alternative (batch statistics per support or query set, as the
+paper's TF code does) needs one forward per set: `batch_statistics` switches BN to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from metatransfer.config import Config
+from metatransfer.data.augment import to_float
+from metatransfer.models.backbones import create_backbone
+from metatransfer.run import autocast
+
+__all__ = ["build_backbone", "backbone_meta", "extract_features", "batch_statistics", "forward_images"]
+
+
+def build_backbone(config: Config, in_chans: int) -> nn.Module:
+    return create_backbone(
+        config.model.backbone, in_chans=in_chans, width=config.model.width, drop_rate=config.model.drop_rate
+    )
+
+
+def backbone_meta(config: Config, backbone: nn.Module, in_chans: int) -> dict:
+    """The plain values a checkpoint needs to rebuild (and check) its backbone."""
+    return {
+        "backbone": config.model.backbone,
+        "width": config.model.width,
+        "in_chans": in_chans,
+        "out_features": backbone.out_features,
+    }
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[None]:
+    """Normalise with each forward's own batch statistics, leaving the running statistics untouched."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.training, m.momentum) for m in norms]
+    for m in norms:
+        m.train()
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+    try:
+        yield
+    finally:
+        for m, (training, momentum) in zip(norms, saved):
+            m.train(training)
+            m.momentum = momentum
+
+
+def forward_images(
+    backbone: nn.Module,
+    images: torch.Tensor,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    amp: bool,
+    channels_last: bool,
+) -> torch.Tensor:
+    """uint8 (..., H, W, C) images -> float32 (B, D) features, in the backbone's current mode."""
+    x = to_float(images, mean, std, device=device, channels_last=channels_last)
+    with autocast(device, amp):
+        return backbone(x).float()
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module,
+    images: np.ndarray,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    amp: bool,
+    channels_last: bool,
+    batch_size: int = 256,
+    flip: bool = False,
+) -> torch.Tensor:
+    """Features of a whole split, (N, D) float32 on `device`, with BN at its running statistics."""
+    was_training = backbone.training
+    backbone.eval()
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+        if flip:
+            batch = batch.flip(-2)  # (B, H, W, C): W is axis -2
+        chunks.append(forward_images(backbone, batch, mean=mean, std=std, device=device, amp=amp, channels_last=channels_last))
+    backbone.train(was_training)
+    return torch.cat(chunks)

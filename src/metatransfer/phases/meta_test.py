@@ -1,0 +1,195 @@
+"""Phase 3, meta-test: fine-tune the base-learner on each unseen task's support set, score its queries.
+
+The features of the test split are computed once (BN frozen, SS folded into the convs) and the
+fine-tuning of all episodes runs as one batched inner loop, so thousands of episodes cost about one
+pass over the split. With `model.bn_mode=batch` every episode is forwarded on its own instead.
+Episodes depend only on `meta_test.seed`, way and shot: every model is scored on the same tasks.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from metatransfer.config import Config
+from metatransfer.data.cache import ImageSplit, load_split
+from metatransfer.data.episodes import TaskIndices, TaskSampler, gather_episode
+from metatransfer.models.head import adapt_head, expand_head, head_logits
+from metatransfer.models.scale_shift import apply_scale_shift, fold_scale_shift
+from metatransfer.phases.features import batch_statistics, build_backbone, extract_features, forward_images
+from metatransfer.run import load_checkpoint, checkpoint_exists, resolve_device, write_json
+
+__all__ = ["confidence_interval", "evaluate_features", "load_meta_model", "evaluate_split", "run"]
+
+
+def confidence_interval(accuracies: np.ndarray) -> tuple[float, float]:
+    """Mean and 95% half-width (1.96 * std / sqrt(n)) of per-episode accuracies, in percent."""
+    accuracies = np.asarray(accuracies, dtype=np.float64) * 100
+    half = 1.96 * accuracies.std() / math.sqrt(len(accuracies)) if len(accuracies) > 1 else float("nan")
+    return float(accuracies.mean()), float(half)
+
+
+def _support_query(features: torch.Tensor, tasks: TaskIndices, flipped: torch.Tensor | None):
+    support = features[torch.from_numpy(tasks.support).to(features.device)]
+    labels = tasks.support_labels().to(features.device)
+    if flipped is not None:  # the paper's protocol: every support image also enters flipped
+        support = torch.cat([support, flipped[torch.from_numpy(tasks.support).to(features.device)]], dim=1)
+        labels = torch.cat([labels, labels], dim=1)
+    query = features[torch.from_numpy(tasks.query).to(features.device)]
+    return support, labels, query, tasks.query_labels().to(features.device)
+
+
+@torch.no_grad()
+def evaluate_features(
+    features: torch.Tensor,
+    tasks: TaskIndices,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    flipped: torch.Tensor | None = None,
+    chunk: int = 500,
+) -> np.ndarray:
+    """Per-episode query accuracy for tasks indexing a precomputed (num_images, D) feature matrix."""
+    accuracies = []
+    for start in range(0, tasks.n_tasks, chunk):
+        part = TaskIndices(
+            tasks.support[start : start + chunk], tasks.query[start : start + chunk], tasks.class_ids[start : start + chunk],
+            tasks.n_way, tasks.n_shot, tasks.n_query,
+        )
+        support, support_labels, query, query_labels = _support_query(features, part, flipped)
+        weight, bias = expand_head(head_weight.to(features.device), head_bias.to(features.device), tasks.n_way, part.n_tasks)
+        weight, bias = adapt_head(support, support_labels, weight, bias, steps=steps, lr=lr)
+        predictions = head_logits(query, weight, bias).argmax(dim=-1)
+        accuracies.append((predictions == query_labels).float().mean(dim=1).cpu())
+    return torch.cat(accuracies).numpy()
+
+
+def _evaluate_per_episode(backbone, split: ImageSplit, tasks: TaskIndices, head_weight, head_bias, config: Config, device, paper: bool) -> np.ndarray:
+    """Transductive BN: each episode's support and query sets are normalised by their own statistics."""
+    accuracies = []
+    options = dict(mean=split.mean, std=split.std, device=device, amp=config.amp, channels_last=config.channels_last)
+    with torch.no_grad(), batch_statistics(backbone):
+        for t in tqdm(range(tasks.n_tasks), desc="meta-test episodes", leave=False):
+            one = TaskIndices(tasks.support[t : t + 1], tasks.query[t : t + 1], tasks.class_ids[t : t + 1], tasks.n_way, tasks.n_shot, tasks.n_query)
+            episode = gather_episode(split.images, one)
+            support_images = episode.support_images
+            support_labels = episode.support_labels.to(device)
+            if paper:
+                support_images = torch.cat([support_images, support_images.flip(-2)], dim=1)
+                support_labels = torch.cat([support_labels, support_labels], dim=1)
+            support = forward_images(backbone, support_images, **options).unsqueeze(0)
+            query = forward_images(backbone, episode.query_images, **options).unsqueeze(0)
+            weight, bias = expand_head(head_weight.to(device), head_bias.to(device), tasks.n_way, 1)
+            weight, bias = adapt_head(support, support_labels, weight, bias, steps=config.base_learner.steps, lr=config.base_learner.lr)
+            predictions = head_logits(query, weight, bias).argmax(-1)
+            accuracies.append((predictions == episode.query_labels.to(device)).float().mean().item())
+    return np.asarray(accuracies)
+
+
+def load_meta_model(run_dir: Path, config: Config, in_chans: int, device: torch.device) -> tuple[nn.Module, torch.Tensor, torch.Tensor, str]:
+    """The meta-trained backbone (SS folded) and theta; without meta-training, the pre-trained
+    backbone with a zero head (the paper's 'no meta-training' row). Returns a source label too."""
+    backbone = build_backbone(config, in_chans)
+    meta_stem, pre_stem = run_dir / "meta_train" / "best", run_dir / "pretrain" / "best"
+    expect = {"backbone": config.model.backbone, "width": config.model.width, "in_chans": in_chans}
+    if checkpoint_exists(meta_stem):
+        tensors, meta = load_checkpoint(meta_stem, expect={**expect, "adapt": config.model.adapt})
+        if meta["adapt"] == "ss":
+            apply_scale_shift(backbone, mode=meta["ss_mode"], include_shortcuts=meta["ss_shortcuts"])
+        backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")})
+        fold_scale_shift(backbone)
+        weight, bias, source = tensors["head.weight"], tensors["head.bias"], "meta_train/best"
+    elif checkpoint_exists(pre_stem):
+        tensors, meta = load_checkpoint(pre_stem, expect=expect)
+        backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")})
+        weight, bias = torch.zeros(config.meta_train.n_way, backbone.out_features), torch.zeros(config.meta_train.n_way)
+        source = "pretrain/best (no meta-training)"
+    else:
+        raise FileNotFoundError(f"{run_dir} has no meta_train/best nor pretrain/best checkpoint; run `mtl pretrain` (and `mtl meta-train`) first.")
+    backbone.to(device)
+    if config.channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    return backbone.eval(), weight.float(), bias.float(), source
+
+
+def evaluate_split(
+    backbone: nn.Module,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor,
+    split: ImageSplit,
+    config: Config,
+    device: torch.device,
+    *,
+    ways: Sequence[int],
+    shots: Sequence[int],
+    episodes: int,
+    n_query: int,
+    protocol: str,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """Score a backbone + theta on seeded episodes of one split, for every (way, shot)."""
+    paper = protocol == "paper"
+    options = dict(mean=split.mean, std=split.std, device=device, amp=config.amp, channels_last=config.channels_last)
+    frozen = config.model.bn_mode == "frozen"
+    if frozen:
+        features = extract_features(backbone, split.images, **options)
+        flipped = extract_features(backbone, split.images, flip=True, **options) if paper else None
+    results = []
+    for n_way in ways:
+        for n_shot in shots:
+            query = n_shot if paper else n_query
+            sampler = TaskSampler(split.labels, n_way=n_way, n_shot=n_shot, n_query=query, seed=[seed, n_way, n_shot], class_names=split.class_names)
+            tasks = sampler.sample(episodes)
+            if frozen:
+                accuracies = evaluate_features(features, tasks, head_weight, head_bias, steps=config.base_learner.steps, lr=config.base_learner.lr, flipped=flipped)
+            else:
+                accuracies = _evaluate_per_episode(backbone, split, tasks, head_weight, head_bias, config, device, paper)
+            accuracy, ci95 = confidence_interval(accuracies)
+            results.append({
+                "dataset": split.dataset, "split": split.split, "way": n_way, "shot": n_shot, "query": query,
+                "episodes": episodes, "accuracy": round(accuracy, 3), "ci95": round(ci95, 3), "protocol": protocol,
+                "bn_mode": config.model.bn_mode, "seed": seed, "per_episode": accuracies.round(4).tolist(),
+            })
+    return results
+
+
+def format_table(results: Sequence[dict[str, Any]]) -> str:
+    lines = [f"{'dataset':<14} {'split':<5} {'way':>3} {'shot':>4} {'query':>5} {'episodes':>8}  accuracy (95% CI)"]
+    for r in results:
+        lines.append(f"{r['dataset']:<14} {r['split']:<5} {r['way']:>3} {r['shot']:>4} {r['query']:>5} {r['episodes']:>8}  {r['accuracy']:6.2f} +- {r['ci95']:.2f}")
+    return "\n".join(lines)
+
+
+def run(config: Config, run_dir: Path, *, log=print) -> list[dict[str, Any]]:
+    """Score the run's model on its configured test episodes; write results.json and per-episode files."""
+    device = resolve_device(config.device)
+    split = load_split(config.data.root, config.data.name, config.meta_test.split)
+    backbone, weight, bias, source = load_meta_model(run_dir, config, split.images.shape[-1], device)
+    test = config.meta_test
+    results = evaluate_split(
+        backbone, weight, bias, split, config, device, ways=test.n_way, shots=test.n_shot,
+        episodes=test.episodes, n_query=test.n_query, protocol=test.protocol, seed=test.seed,
+    )
+    for result in results:
+        result["model"] = source
+        name = f"{result['way']}way-{result['shot']}shot-{result['protocol']}"
+        write_json(run_dir / "meta_test" / f"episodes-{name}.json", {"per_episode_accuracy": result.pop("per_episode")})
+    previous = []
+    results_path = run_dir / "results.json"
+    if results_path.is_file():
+        import json
+
+        keys = {(r["split"], r["way"], r["shot"], r["protocol"]) for r in results}
+        previous = [r for r in json.loads(results_path.read_text()) if (r["split"], r["way"], r["shot"], r["protocol"]) not in keys]
+    write_json(results_path, previous + results)
+    log(f"meta-test of {source} on {split.dataset}/{split.split}:")
+    log(format_table(results))
+    return results

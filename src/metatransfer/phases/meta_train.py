@@ -1,0 +1,214 @@
+"""Phase 2, meta-transfer: learn scaling-shifting of the frozen backbone and the base-learner's init.
+
+Each meta-iteration draws T tasks (normal, or hard ones from the HT scheduler), forwards all their
+support and query images through the backbone at once, fine-tunes T copies of the linear
+base-learner from theta on the support features (batched closed-form inner loop), and updates SS
+and theta with the query loss of the adapted learners (Sun et al. 2019, Algorithm 1 and 2).
+`model.adapt=ft` meta-trains all conv weights instead of SS, the paper's FT ablation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from metatransfer.config import Config
+from metatransfer.data.cache import load_split
+from metatransfer.data.episodes import Episode, TaskSampler, gather_episode
+from metatransfer.models.head import adapt_head, expand_head, head_logits, init_head_weight, per_class_accuracy
+from metatransfer.models.scale_shift import apply_scale_shift, scale_shift_parameters
+from metatransfer.phases.features import backbone_meta, batch_statistics, build_backbone, forward_images
+from metatransfer.phases.hard_tasks import HardTaskScheduler
+from metatransfer.phases.meta_test import confidence_interval, evaluate_split
+from metatransfer.run import (
+    MetricsLog, checkpoint_exists, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
+    resolve_device, save_checkpoint, seed_everything, write_json,
+)
+
+__all__ = ["prepare_meta_model", "meta_batch_loss", "run"]
+
+
+def prepare_meta_model(config: Config, run_dir: Path, in_chans: int) -> tuple[nn.Module, list[nn.Parameter]]:
+    """The pre-trained backbone with its convs frozen and SS attached (or, for FT, convs trainable)."""
+    stem = run_dir / "pretrain" / "best"
+    if not checkpoint_exists(stem):
+        raise FileNotFoundError(f"{stem}.json is missing: meta-transfer starts from a pre-trained backbone; run `mtl pretrain --out {run_dir}` first.")
+    backbone = build_backbone(config, in_chans)
+    tensors, _ = load_checkpoint(stem, expect=backbone_meta(config, backbone, in_chans))
+    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")})
+    for parameter in backbone.parameters():
+        parameter.requires_grad_(False)
+    if config.model.adapt == "ss":
+        apply_scale_shift(backbone, mode=config.model.ss_mode, include_shortcuts=config.model.ss_shortcuts)
+        trainable = scale_shift_parameters(backbone)
+    else:
+        trainable = [p for m in backbone.modules() if isinstance(m, nn.Conv2d) for p in m.parameters()]
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+    return backbone, trainable
+
+
+def _task_features(backbone: nn.Module, episode: Episode, config: Config, device: torch.device, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, N*K, D) support and (T, N*Q, D) query features of a meta-batch."""
+    options = dict(mean=mean, std=std, device=device, amp=config.amp, channels_last=config.channels_last)
+    T, n_support = episode.support_labels.shape
+    if config.model.bn_mode == "frozen":  # one forward for the whole meta-batch
+        images = torch.cat([episode.support_images.flatten(0, 1), episode.query_images.flatten(0, 1)])
+        features = forward_images(backbone, images, **options)
+        return features[: T * n_support].view(T, n_support, -1), features[T * n_support :].view(T, -1, features.shape[-1])
+    with batch_statistics(backbone):  # transductive: each set of each task normalised on its own
+        support = torch.stack([forward_images(backbone, episode.support_images[t], **options) for t in range(T)])
+        query = torch.stack([forward_images(backbone, episode.query_images[t], **options) for t in range(T)])
+    return support, query
+
+
+def meta_batch_loss(
+    backbone: nn.Module, head_weight: torch.Tensor, head_bias: torch.Tensor, episode: Episode,
+    config: Config, device: torch.device, mean, std,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query loss of the adapted base-learners, plus (T, N) per-class query accuracy and loss."""
+    n_way = head_weight.shape[0]
+    support, query = _task_features(backbone, episode, config, device, mean, std)
+    if config.meta_train.first_order:
+        support = support.detach()
+    weight, bias = expand_head(head_weight, head_bias, n_way, support.shape[0])
+    weight, bias = adapt_head(
+        support, episode.support_labels.to(device), weight, bias,
+        steps=config.base_learner.steps, lr=config.base_learner.lr, second_order=not config.meta_train.first_order,
+    )
+    logits = head_logits(query, weight, bias)
+    labels = episode.query_labels.to(device)
+    losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+    with torch.no_grad():
+        accuracy = per_class_accuracy(logits, labels, n_way)
+        class_loss = torch.zeros_like(accuracy).scatter_add_(1, labels, losses.detach()) / episode.query_labels.shape[1] * n_way
+    return losses.mean(), accuracy, class_loss
+
+
+def _learning_rates(config: Config, iteration: int) -> tuple[float, float]:
+    decay = config.meta_train.lr_gamma ** (iteration // config.meta_train.lr_decay_every)
+    return config.meta_train.lr_ss * decay, config.meta_train.lr_head * decay
+
+
+def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
+    """Meta-train from `pretrain/best`; writes `meta_train/best` (by validation) and `meta_train/last`."""
+    meta = config.meta_train
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    train = load_split(config.data.root, config.data.name, "train")
+    val = load_split(config.data.root, config.data.name, "val")
+    in_chans = train.images.shape[-1]
+    backbone, trainable = prepare_meta_model(config, run_dir, in_chans)
+    backbone.to(device).eval()  # eval: BN at running statistics and no dropout, whatever bn_mode
+    if config.channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(config.seed)
+    head_weight = nn.Parameter(init_head_weight(meta.n_way, backbone.out_features, config.base_learner.init, generator=generator).to(device))
+    head_bias = nn.Parameter(torch.zeros(meta.n_way, device=device))
+    optimizer = torch.optim.Adam([
+        {"params": trainable, "lr": meta.lr_ss},
+        {"params": [head_weight, head_bias], "lr": meta.lr_head},
+    ])
+    sampler = TaskSampler(train.labels, n_way=meta.n_way, n_shot=meta.n_shot, n_query=meta.n_query, seed=config.seed, class_names=train.class_names)
+    hard = HardTaskScheduler(meta.hard_tasks, meta.n_way)
+    model_meta = {**backbone_meta(config, backbone, in_chans), "adapt": config.model.adapt, "ss_mode": config.model.ss_mode,
+                  "ss_shortcuts": config.model.ss_shortcuts, "n_way": meta.n_way, "dataset": config.data.name}
+    metrics = MetricsLog(run_dir)
+    start, best_accuracy = 0, -1.0
+    last_stem, best_stem = run_dir / "meta_train" / "last", run_dir / "meta_train" / "best"
+
+    def model_tensors() -> dict[str, torch.Tensor]:
+        tensors = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+        return {**tensors, "head.weight": head_weight.detach(), "head.bias": head_bias.detach()}
+
+    def save_last(iteration: int) -> None:
+        optim_tensors, optim_meta = optimizer_to_tensors(optimizer, "optimizer")
+        save_checkpoint(last_stem, {**model_tensors(), **optim_tensors, "rng.torch": torch.get_rng_state()}, {
+            **model_meta, "iteration": iteration, "best_accuracy": best_accuracy, "optimizer": optim_meta,
+            "sampler": sampler.state_dict(), "hard_tasks": hard.state_dict(), "complete": iteration >= meta.iterations,
+        })
+
+    if checkpoint_exists(last_stem):  # resume
+        tensors, saved = load_checkpoint(last_stem, expect=model_meta)
+        backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")})
+        with torch.no_grad():
+            head_weight.copy_(tensors["head.weight"])
+            head_bias.copy_(tensors["head.bias"])
+        optimizer_from_tensors(optimizer, tensors, saved["optimizer"], "optimizer")
+        torch.set_rng_state(tensors["rng.torch"])
+        sampler.load_state_dict(saved["sampler"])
+        hard.load_state_dict(saved["hard_tasks"])
+        start, best_accuracy = saved["iteration"], saved["best_accuracy"]
+        if start >= meta.iterations:
+            log(f"meta-train already complete in {run_dir} (best val {best_accuracy:.2f}%).")
+            return {"best_val_accuracy": best_accuracy}
+        log(f"resuming meta-train at iteration {start}")
+
+    def validate(iteration: int) -> float:
+        nonlocal best_accuracy
+        result = evaluate_split(
+            backbone, head_weight.detach(), head_bias.detach(), val, config, device, ways=[meta.n_way], shots=[meta.n_shot],
+            episodes=meta.val_episodes, n_query=15, protocol="standard", seed=config.meta_test.seed,
+        )[0]
+        metrics.log("meta_train_val", iteration, accuracy=result["accuracy"], ci95=result["ci95"])
+        if result["accuracy"] > best_accuracy:
+            best_accuracy = result["accuracy"]
+            save_checkpoint(best_stem, model_tensors(), {**model_meta, "iteration": iteration, "val_accuracy": best_accuracy, "val_ci95": result["ci95"]})
+        return result["accuracy"]
+
+    if start == 0:
+        validate(0)
+    window: dict[str, list[float]] = {"normal": [], "hard": []}
+    losses: list[float] = []
+    started = time.time()
+    progress = tqdm(range(start, meta.iterations), desc="meta-train", initial=start, total=meta.iterations, dynamic_ncols=True)
+    for iteration in progress:
+        lr_ss, lr_head = _learning_rates(config, iteration)
+        optimizer.param_groups[0]["lr"], optimizer.param_groups[1]["lr"] = lr_ss, lr_head
+        kind = hard.next_kind(iteration)
+        tasks = hard.sample(kind, sampler, meta.n_tasks)
+        episode = gather_episode(train.images, tasks)
+        loss, accuracy, class_loss = meta_batch_loss(backbone, head_weight, head_bias, episode, config, device, train.mean, train.std)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"meta-train loss became {loss.item()} at iteration {iteration}; {last_stem} holds the last good state. "
+                "Lower meta_train.lr_ss / lr_head or base_learner.lr."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        hard.observe(kind, tasks, accuracy, class_loss)
+        window[kind].append(accuracy.mean().item())
+        losses.append(loss.item())
+        done = iteration + 1
+        if done % 50 == 0 or done == meta.iterations:
+            record = {"loss": float(np.mean(losses)), "lr_ss": lr_ss, "lr_head": lr_head}
+            for name, values in window.items():
+                if values:
+                    record[f"{name}_task_accuracy"] = 100 * float(np.mean(values))
+                    record[f"{name}_tasks"] = len(values) * meta.n_tasks
+            metrics.log("meta_train", done, **record)
+            progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record.get('normal_task_accuracy', 0):.1f}")
+            window, losses = {"normal": [], "hard": []}, []
+        if done % meta.val_every == 0 or done == meta.iterations:
+            validate(done)
+        if done % config.checkpoint_every == 0 or done == meta.iterations:
+            save_last(done)
+    names = train.class_names
+    hard_counts = {names[c]: n for c, n in hard.failure_counts.most_common()}
+    write_json(run_dir / "meta_train" / "hard_classes.json", hard_counts)
+    summary = {"best_val_accuracy": best_accuracy, "seconds": round(time.time() - started, 1), "iterations": meta.iterations}
+    log(f"meta-train done: best val {best_accuracy:.2f}% ({meta.n_way}-way {meta.n_shot}-shot), {summary['seconds']:.0f} s")
+    metrics.close()
+    return summary
+
+
+_ = (math, confidence_interval)

@@ -1,0 +1,145 @@
+"""Phase 1, pre-train: a backbone learns all base classes with plain cross-entropy.
+
+The classifier head is dropped afterwards; the checkpoint kept (`pretrain/best`) is the epoch whose
+features give the best few-shot accuracy on validation episodes (a fresh FC fine-tuned on frozen
+features), as the PyTorch port selects it. Batches and augmentation draw from generators seeded
+by (seed, epoch), and a mid-epoch checkpoint stores their state, so a resumed run replays exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from metatransfer.config import Config
+from metatransfer.data.augment import augment_batch, to_float
+from metatransfer.data.cache import load_split
+from metatransfer.phases.features import backbone_meta, build_backbone
+from metatransfer.phases.meta_test import evaluate_split
+from metatransfer.run import (
+    MetricsLog, autocast, checkpoint_exists, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
+    resolve_device, save_checkpoint, seed_everything,
+)
+
+__all__ = ["learning_rate", "run"]
+
+
+def learning_rate(config: Config, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """Cosine over all steps, or a step decay every `lr_step` epochs."""
+    pre = config.pretrain
+    if pre.schedule == "step":
+        return pre.lr * pre.lr_gamma ** (epoch // pre.lr_step)
+    progress = (epoch * steps_per_epoch + step) / max(1, pre.epochs * steps_per_epoch)
+    return 0.5 * pre.lr * (1 + math.cos(math.pi * progress))
+
+
+def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
+    """Pre-train on the train split; writes `pretrain/best` (by validation) and `pretrain/last`."""
+    pre = config.pretrain
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    train = load_split(config.data.root, config.data.name, "train")
+    val = load_split(config.data.root, config.data.name, "val")
+    in_chans = train.images.shape[-1]
+    backbone = build_backbone(config, in_chans).to(device)
+    head = nn.Linear(backbone.out_features, train.num_classes).to(device)
+    if config.channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    parameters = list(backbone.parameters()) + list(head.parameters())
+    optimizer = torch.optim.SGD(parameters, lr=pre.lr, momentum=pre.momentum, nesterov=pre.nesterov, weight_decay=pre.weight_decay)
+    steps_per_epoch = len(train.labels) // pre.batch_size  # drop the ragged last batch: BN dislikes tiny ones
+    if steps_per_epoch == 0:
+        raise ValueError(f"The train split has {len(train.labels)} images, fewer than one batch of {pre.batch_size}; lower pretrain.batch_size.")
+    model_meta = {**backbone_meta(config, backbone, in_chans), "num_classes": train.num_classes, "dataset": config.data.name}
+    metrics = MetricsLog(run_dir)
+    last_stem, best_stem = run_dir / "pretrain" / "last", run_dir / "pretrain" / "best"
+    start_epoch, start_step, best_accuracy = 0, 0, -1.0
+    generator_state = None
+
+    def save_last(epoch: int, step: int, generator: torch.Generator) -> None:
+        optim_tensors, optim_meta = optimizer_to_tensors(optimizer, "optimizer")
+        tensors = {
+            **{f"backbone.{k}": v for k, v in backbone.state_dict().items()},
+            **{f"head.{k}": v for k, v in head.state_dict().items()},
+            **optim_tensors, "rng.torch": torch.get_rng_state(), "rng.augment": generator.get_state(),
+        }
+        save_checkpoint(last_stem, tensors, {**model_meta, "epoch": epoch, "step": step, "best_accuracy": best_accuracy,
+                                             "optimizer": optim_meta, "complete": epoch >= pre.epochs})
+
+    if checkpoint_exists(last_stem):  # resume where the last checkpoint left off
+        tensors, saved = load_checkpoint(last_stem, expect=model_meta)
+        backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")})
+        head.load_state_dict({k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")})
+        optimizer_from_tensors(optimizer, tensors, saved["optimizer"], "optimizer")
+        torch.set_rng_state(tensors["rng.torch"])
+        generator_state = tensors["rng.augment"]
+        start_epoch, start_step, best_accuracy = saved["epoch"], saved["step"], saved["best_accuracy"]
+        if start_epoch >= pre.epochs:
+            log(f"pre-train already complete in {run_dir} (best val {best_accuracy:.2f}%).")
+            return {"best_val_accuracy": best_accuracy}
+        log(f"resuming pre-train at epoch {start_epoch}, step {start_step}")
+
+    started = time.time()
+    for epoch in range(start_epoch, pre.epochs):
+        backbone.train()
+        head.train()
+        order = np.random.default_rng([config.seed, epoch]).permutation(len(train.labels))
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        first_step = start_step if epoch == start_epoch else 0
+        if first_step and generator_state is not None:
+            generator.set_state(generator_state)
+        total_loss, total_correct, seen = 0.0, 0, 0
+        progress = tqdm(range(first_step, steps_per_epoch), desc=f"pre-train {epoch + 1}/{pre.epochs}", leave=False, dynamic_ncols=True)
+        for step in progress:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, epoch, step, steps_per_epoch)
+            index = np.sort(order[step * pre.batch_size : (step + 1) * pre.batch_size])  # sorted: fast memmap reads
+            x = to_float(torch.from_numpy(train.images[index]), train.mean, train.std, device=device, channels_last=config.channels_last)
+            x = augment_batch(x, kind=config.data.augment, padding=config.data.crop_padding, flip=config.data.hflip,
+                              jitter=config.data.color_jitter, generator=generator)
+            y = torch.from_numpy(train.labels[index]).to(device)
+            with autocast(device, config.amp):
+                logits = head(backbone(x)).float()
+            loss = F.cross_entropy(logits, y, label_smoothing=pre.label_smoothing)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"pre-train loss became {loss.item()} at epoch {epoch}, step {step}; {last_stem} holds the last good state. "
+                    "Lower pretrain.lr or turn off amp."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(y)
+            total_correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            progress.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100 * total_correct / seen:.1f}")
+            if (step + 1) % config.checkpoint_every == 0 and step + 1 < steps_per_epoch:
+                save_last(epoch, step + 1, generator)
+        record: dict[str, Any] = {"loss": total_loss / max(seen, 1), "train_accuracy": 100 * total_correct / max(seen, 1),
+                                  "lr": optimizer.param_groups[0]["lr"], "epoch": epoch + 1}
+        if (epoch + 1) % pre.val_every == 0 or epoch + 1 == pre.epochs:
+            result = evaluate_split(
+                backbone, torch.zeros(5, backbone.out_features), torch.zeros(5), val, config, device, ways=[5],
+                shots=[pre.val_shot], episodes=pre.val_episodes, n_query=15, protocol="standard", seed=config.meta_test.seed,
+            )[0]
+            record.update(val_accuracy=result["accuracy"], val_ci95=result["ci95"])
+            if result["accuracy"] > best_accuracy:
+                best_accuracy = result["accuracy"]
+                save_checkpoint(best_stem, {f"backbone.{k}": v for k, v in backbone.state_dict().items()},
+                                {**model_meta, "epoch": epoch + 1, "val_accuracy": best_accuracy, "val_ci95": result["ci95"]})
+        metrics.log("pretrain", epoch + 1, **record)
+        val_text = f", val {record['val_accuracy']:.2f} +- {record['val_ci95']:.2f}%" if "val_accuracy" in record else ""
+        log(f"pre-train epoch {epoch + 1}/{pre.epochs}: loss {record['loss']:.3f}, train acc {record['train_accuracy']:.1f}%{val_text}")
+        save_last(epoch + 1, 0, generator)
+    metrics.close()
+    summary = {"best_val_accuracy": best_accuracy, "seconds": round(time.time() - started, 1)}
+    log(f"pre-train done: best val {best_accuracy:.2f}% (5-way {pre.val_shot}-shot), {summary['seconds']:.0f} s")
+    return summary

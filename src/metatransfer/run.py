@@ -1,0 +1,220 @@
+"""Run directories: resolved config, metrics, checkpoints (safetensors + JSON), device and seeding.
+
+A run directory is the only channel between phases: pre-train writes `pretrain/best`, meta-train
+reads it and writes `meta_train/best`, meta-test reads that. Checkpoints are a pair of files,
+`<stem>.safetensors` (tensors only) and `<stem>.json` (plain values), each written to a temporary
+name and renamed, JSON last, so a reader sees either the previous complete pair or the new one and
+nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from metatransfer.config import Config, config_from_dict, config_to_dict
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "save_checkpoint",
+    "load_checkpoint",
+    "checkpoint_exists",
+    "prepare_run_dir",
+    "read_run_config",
+    "MetricsLog",
+    "resolve_device",
+    "autocast",
+    "seed_everything",
+    "optimizer_to_tensors",
+    "optimizer_from_tensors",
+    "write_json",
+]
+
+CHECKPOINT_FORMAT = 1
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write JSON atomically: a temporary file in the same folder, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(value, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(stem: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write `stem.safetensors` and `stem.json`; the JSON records the tensors' sha256 to pair them."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    tensors_path = stem.with_suffix(".safetensors")
+    tmp = stem.with_name(f".{stem.name}.safetensors.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        digest = _sha256(tmp)
+        os.replace(tmp, tensors_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_json(stem.with_suffix(".json"), {"format_version": CHECKPOINT_FORMAT, "sha256": digest, **meta})
+
+
+def checkpoint_exists(stem: Path) -> bool:
+    return stem.with_suffix(".json").is_file() and stem.with_suffix(".safetensors").is_file()
+
+
+def load_checkpoint(stem: Path, *, expect: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint pair, checking format, pairing and the `expect`ed plain values.
+
+    Raises:
+        FileNotFoundError: a file of the pair is missing.
+        ValueError: the pair is corrupt, of another format version, or differs from `expect`
+            (e.g. another backbone or number of classes); the message says what differs.
+    """
+    meta_path, tensors_path = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+    for path in (meta_path, tensors_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"Checkpoint file {path} is missing.")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"Checkpoint {meta_path} is not valid JSON ({error}); it is corrupt.") from None
+    if meta.get("format_version") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"Checkpoint {meta_path} has format version {meta.get('format_version')!r}; this metatransfer reads version {CHECKPOINT_FORMAT}."
+        )
+    if meta.get("sha256") != _sha256(tensors_path):
+        raise ValueError(f"Checkpoint {tensors_path} does not match the checksum in {meta_path.name}: it is corrupt or from another save.")
+    for key, wanted in (expect or {}).items():
+        if meta.get(key) != wanted:
+            raise ValueError(f"Checkpoint {stem} was saved with {key}={meta.get(key)!r}, but this run expects {key}={wanted!r}.")
+    try:
+        tensors = load_file(str(tensors_path))
+    except Exception as error:  # safetensors raises its own error types
+        raise ValueError(f"Checkpoint {tensors_path} cannot be read: {error}") from None
+    return tensors, meta
+
+
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer's state_dict into tensors and plain JSON values."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for index, entries in state["state"].items():
+        plain[str(index)] = {}
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{prefix}.{index}.{key}"] = value
+            else:
+                plain[str(index)][key] = value
+    return tensors, {"param_groups": state["param_groups"], "plain_state": plain}
+
+
+def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any], prefix: str) -> None:
+    state: dict[int, dict[str, Any]] = {int(i): dict(values) for i, values in meta["plain_state"].items()}
+    for name, value in tensors.items():
+        if name.startswith(prefix + "."):
+            index, key = name[len(prefix) + 1 :].split(".", 1)
+            state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def prepare_run_dir(run_dir: Path, config: Config) -> None:
+    """Create the run directory and write the resolved config; a differing one is an error."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    resolved = config_to_dict(config)
+    if path.is_file():
+        existing = yaml.safe_load(path.read_text())
+        if existing != resolved:
+            changed = sorted(_diff_keys(existing, resolved))
+            raise ValueError(
+                f"{path} holds another configuration (differs in {', '.join(changed[:8])}). "
+                "Use a new --out directory, or --resume to continue the run as configured."
+            )
+        return
+    tmp = path.with_name(f".config.yaml.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> Iterator[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in set(a) | set(b):
+            yield from _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+    elif a != b:
+        yield prefix.rstrip(".")
+
+
+def read_run_config(run_dir: Path) -> Config:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.yaml.")
+    return config_from_dict(yaml.safe_load(path.read_text()))
+
+
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl and mirrors scalars to TensorBoard if installed."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self._writer = None
+        if enabled:
+            with contextlib.suppress(ImportError):
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, phase: str, step: int, **values: Any) -> None:
+        if not self.enabled:
+            return
+        record = {"phase": phase, "step": step, "time": round(time.time(), 3), **values}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._writer.add_scalar(f"{phase}/{key}", value, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU (AMX makes it 2-4x faster) and on CUDA; a no-op when disabled."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
