@@ -226,6 +226,10 @@ class CacheBuilder:
         }
         return images
 
+    def images_per_class(self, split: str) -> list[int]:
+        """Counts of a split written so far (for the benchmark check before committing)."""
+        return list(self._splits[split]["images_per_class"])
+
     def commit(
         self,
         *,
