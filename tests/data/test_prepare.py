@@ -182,3 +182,264 @@ def test_omniglot_incomplete_archive_is_reported(tiny_omniglot, tmp_path, monkey
     monkeypatch.setattr(_omniglot, "SETS", {"images_background": 964, "images_evaluation": 2})
     with pytest.raises(ValueError, match="images_background: found 3 characters, expected 964"):
         prepare_dataset("omniglot", tiny_omniglot, tmp_path / "cache", log=_quiet)
+
+
+# --- CIFAR-100: canonical tar.gz (md5 patched to a fake) and class-folder zips --------------------
+
+
+def _fake_cifar_tar(path, per_class=(2, 1)):
+    """A cifar-100-python.tar.gz with `per_class` (train, test) images of every class; pixel
+    (channel c) = 10 * c + image index within the class, to check CHW -> HWC and the order."""
+    parts = {}
+    for member, count, offset in (("train", per_class[0], 0), ("test", per_class[1], per_class[0])):
+        labels = np.repeat(np.arange(100), count)
+        index = np.tile(np.arange(count), 100) + offset
+        data = (10 * np.arange(3)[None, :, None] + index[:, None, None]).repeat(1024, axis=2)
+        parts[member] = {b"data": data.reshape(len(labels), 3072).astype(np.uint8), b"fine_labels": labels.tolist()}
+    parts["meta"] = {b"fine_label_names": [n.encode() for n in FINE_NAMES]}
+    with tarfile.open(path, "w:gz") as tar:
+        for member, content in parts.items():
+            blob = pickle.dumps(content)
+            info = tarfile.TarInfo(f"cifar-100-python/{member}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_canonical_tar_layout_is_decoded(tmp_path, monkeypatch):
+    archive = tmp_path / "cifar-100-python.tar.gz"
+    monkeypatch.setattr(_cifar, "CIFAR100_MD5", _fake_cifar_tar(archive))
+    messages = []
+    prepare_dataset("fc100", tmp_path, tmp_path / "cache", verify=False, log=messages.append)
+    train = load_split(tmp_path / "cache", "fc100", "train")
+    assert train.images.shape == (180, 32, 32, 3) and train.num_classes == 60
+    # Per class: train images 0, 1 then the test image 2; channel c holds 10 * c + index.
+    np.testing.assert_array_equal(train.images[:3, 5, 7], [[0, 10, 20], [1, 11, 21], [2, 12, 22]])
+    assert any("warning: fc100" in m and "the benchmark 600" in m for m in messages)
+    assert read_manifest(tmp_path / "cache", "fc100")["source"]["sha256"] is not None
+
+
+def test_non_canonical_tar_is_not_unpickled(tmp_path):
+    archive = tmp_path / "cifar-100-python.tar.gz"
+    _fake_cifar_tar(archive)
+    with pytest.raises(ValueError, match="not the canonical cifar-100-python.tar.gz"):
+        prepare_dataset("fc100", archive, tmp_path / "cache", log=_quiet)
+    _no_leftovers(tmp_path / "cache")
+
+
+def test_truncated_tar_is_reported(tmp_path, monkeypatch):
+    archive = tmp_path / "cifar-100-python.tar.gz"
+    _fake_cifar_tar(archive)
+    archive.write_bytes(archive.read_bytes()[:2000])
+    monkeypatch.setattr(_cifar, "CIFAR100_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+    with pytest.raises(ValueError, match="damaged or truncated"):
+        prepare_dataset("cifar-fs", archive, tmp_path / "cache", log=_quiet)
+    _no_leftovers(tmp_path / "cache")
+
+
+@pytest.fixture
+def tiny_cifar_zip(tmp_path, make_images):
+    """The cifar100_png.zip layout, 2 images per class."""
+    make_images(tmp_path / "png" / "cifar100", {name: 2 for name in FINE_NAMES}, size=32)
+    return tmp_path / "png" / "cifar100"
+
+
+def test_image_count_mismatch_is_an_error_naming_the_numbers(tiny_cifar_zip, tmp_path):
+    archive = tmp_path / "cifar100.zip"
+    _zip_folder(tiny_cifar_zip, archive)
+    with pytest.raises(ValueError, match=r"train has 2-2 images per class, the benchmark 600"):
+        prepare_dataset("cifar-fs", archive, tmp_path / "cache", log=_quiet)
+    _no_leftovers(tmp_path / "cache")
+
+
+def test_cifar_class_folders_in_a_plain_folder(tiny_cifar_zip, tmp_path):
+    prepare_dataset("cifar-fs", tiny_cifar_zip.parent, tmp_path / "cache", verify=False, log=_quiet)
+    assert _counts(tmp_path / "cache", "cifar-fs") == {"train": (64, {2}), "val": (16, {2}), "test": (20, {2})}
+
+
+def test_cifar_corrupt_png_is_named(tiny_cifar_zip, tmp_path):
+    archive = tmp_path / "cifar100.zip"
+    _zip_folder(tiny_cifar_zip, archive, corrupt="cifar100/otter/otter_01.png")
+    with pytest.raises(ValueError, match="Cannot read image 'cifar100/otter/otter_01.png' in"):
+        prepare_dataset("fc100", archive, tmp_path / "cache", verify=False, log=_quiet)
+    _no_leftovers(tmp_path / "cache")
+
+
+def test_cifar_missing_class_is_named(tiny_cifar_zip, tmp_path):
+    shutil.rmtree(tiny_cifar_zip / "whale")
+    with pytest.raises(FileNotFoundError, match="no folder of images for CIFAR-100 classes whale"):
+        prepare_dataset("fc100", tiny_cifar_zip, tmp_path / "cache", log=_quiet)
+
+
+def test_truncated_zip_is_reported(shared_data, tmp_path):
+    archive = tmp_path / "cifar100_png.zip"
+    with open(shared_data / "cifar100" / "cifar100_png.zip", "rb") as handle:
+        archive.write_bytes(handle.read(100_000))
+    with pytest.raises(ValueError, match="not a readable zip archive .*truncated"):
+        prepare_dataset("fc100", archive, tmp_path / "cache", log=_quiet)
+    _no_leftovers(tmp_path / "cache")
+
+
+# --- miniImageNet and tieredImageNet: real split CSVs, tiny generated images --------------------
+
+
+def _real_rows(shared_data, benchmark, split):
+    folder = {"mini": "miniimagenet/splits/ravi", "tiered": "tieredimagenet/splits"}[benchmark]
+    with open(shared_data / folder / f"{split}.csv", newline="") as handle:
+        rows = list(csv.reader(handle))
+    return rows[1:] if benchmark == "mini" else rows
+
+
+@pytest.fixture
+def tiny_mini(shared_data, tmp_path):
+    """The Ravi & Larochelle layout with every real class but 2 JPEGs each."""
+    source = tmp_path / "mini"
+    (source / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split in ("train", "val", "test"):
+        synsets = sorted({label for _, label in _real_rows(shared_data, "mini", split)})
+        with open(source / f"{split}.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["filename", "label"])
+            for synset in synsets:
+                for k in range(2):
+                    name = f"{synset}{k:08d}.jpg"
+                    mode = "L" if k else "RGB"  # any mode must become RGB
+                    Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).convert(mode).save(source / "images" / name)
+                    writer.writerow([name, synset])
+    return source
+
+
+def test_mini_fixture_reports_the_mismatch_and_builds_with_verify_off(tiny_mini, tmp_path):
+    with pytest.raises(ValueError, match=r"miniimagenet: train 64 classes x 2, .* the benchmark 600"):
+        prepare_dataset("miniimagenet", tiny_mini, tmp_path / "cache", log=_quiet)
+    _no_leftovers(tmp_path / "cache")
+    prepare_dataset("miniimagenet", tiny_mini, tmp_path / "cache", verify=False, log=_quiet)
+    assert _counts(tmp_path / "cache", "miniimagenet") == {"train": (64, {2}), "val": (16, {2}), "test": (20, {2})}
+    assert load_split(tmp_path / "cache", "miniimagenet", "val").images.shape == (32, 84, 84, 3)
+
+
+def test_mini_csv_naming_a_missing_image(tiny_mini, tmp_path):
+    victim = next((tiny_mini / "images").glob("*.jpg"))
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=f"names {victim.name} .*image folder is incomplete"):
+        prepare_dataset("miniimagenet", tiny_mini, tmp_path / "cache", log=_quiet)
+
+
+def test_mini_split_tree_with_split_dir_absent(tmp_path, make_images):
+    for split, names in {"train": ["a", "b"], "val": ["c"], "test": ["d"]}.items():
+        make_images(tmp_path / "tree" / split, {n: 3 for n in names}, suffix=".jpg")
+    prepare_dataset("miniimagenet", tmp_path / "tree", tmp_path / "cache", image_size=8, verify=False, log=_quiet)
+    assert read_manifest(tmp_path / "cache", "miniimagenet")["splits"]["train"]["classes"] == ["a", "b"]
+
+
+@pytest.fixture
+def tiny_tiered(shared_data, tmp_path, make_images):
+    """Split CSVs with the first 2 real classes of each split; `SOURCE/train/<synset>/`, 20 images."""
+    source, split_dir = tmp_path / "tiered", tmp_path / "tiered_splits"
+    split_dir.mkdir()
+    for split in ("train", "val", "test"):
+        rows = _real_rows(shared_data, "tiered", split)[:2]
+        (split_dir / f"{split}.csv").write_text("".join(f"{a},{b}\n" for a, b in rows))
+        make_images(source / "train", {synset: 20 for synset, _ in rows}, size=6, suffix=".JPEG")
+    return source, split_dir
+
+
+def test_tiered_fixture_reports_class_mismatch_and_builds_with_verify_off(tiny_tiered, tmp_path):
+    source, split_dir = tiny_tiered
+    with pytest.raises(ValueError, match=r"train has 2 classes, the benchmark 351"):
+        prepare_dataset("tieredimagenet", source, tmp_path / "cache", split_dir=split_dir, log=_quiet)
+    prepare_dataset("tieredimagenet", source, tmp_path / "cache", split_dir=split_dir,
+                    image_size=12, verify=False, log=_quiet)
+    assert _counts(tmp_path / "cache", "tieredimagenet")["test"] == (2, {20})
+
+
+def test_tiered_class_with_too_few_images(tiny_tiered, tmp_path):
+    source, split_dir = tiny_tiered
+    folder = next(p for p in sorted((source / "train").iterdir()))
+    next(folder.iterdir()).unlink()
+    with pytest.raises(ValueError, match=f"class '{folder.name}' has 19 image\\(s\\), at least 20"):
+        prepare_dataset("tieredimagenet", source, tmp_path / "cache", split_dir=split_dir, verify=False, log=_quiet)
+
+
+def test_tiered_missing_class_folder_and_overlap(tiny_tiered, tmp_path):
+    source, split_dir = tiny_tiered
+    val_first = (split_dir / "val.csv").read_text().splitlines()[0]
+    shutil.rmtree(source / "train" / val_first.split(",")[0])
+    with pytest.raises(FileNotFoundError, match=f"no image folder for classes {val_first.split(',')[0]}"):
+        prepare_dataset("tieredimagenet", source, tmp_path / "cache", split_dir=split_dir, log=_quiet)
+    with open(split_dir / "test.csv", "a") as handle:
+        handle.write(val_first + "\n")
+    with pytest.raises(ValueError, match=f"'val' and 'test' share 1 classes \\({val_first.split(',')[0]}\\)"):
+        prepare_dataset("tieredimagenet", source, tmp_path / "cache", split_dir=split_dir, log=_quiet)
+
+
+# --- folder ----------------------------------------------------------------------------------------
+
+
+def test_folder_split_by_class_is_seeded_and_disjoint(tmp_path, make_images):
+    make_images(tmp_path / "birds", {f"class{i}": 3 for i in range(10)}, mode="L")
+    messages = []
+    prepare_dataset("folder", tmp_path / "birds", tmp_path / "cache", image_size=8, seed=3, log=messages.append)
+    manifest = read_manifest(tmp_path / "cache", "birds")
+    assert manifest["channels"] == 1  # all grayscale stays grayscale
+    classes = {s: v["classes"] for s, v in manifest["splits"].items()}
+    assert [len(c) for c in classes.values()] == [6, 2, 2]
+    assert sorted(sum(classes.values(), [])) == sorted(f"class{i}" for i in range(10))
+    assert any("no benchmark numbers" in m for m in messages)
+    prepare_dataset("folder", tmp_path / "birds", tmp_path / "cache", image_size=8, seed=3, output_name="again", log=_quiet)
+    assert read_manifest(tmp_path / "cache", "again")["splits"] == manifest["splits"]
+
+
+def test_folder_mixed_modes_become_rgb_and_rerun_is_harmless(tmp_path, make_images):
+    make_images(tmp_path / "src", {"a": 2, "b": 2, "c": 2}, mode="L")
+    make_images(tmp_path / "src", {"d": 2}, mode="RGB")
+    for _ in range(2):
+        prepare_dataset("folder", tmp_path / "src", tmp_path / "cache", image_size=8,
+                        split_ratios=(0.5, 0.25, 0.25), log=_quiet)
+    assert read_manifest(tmp_path / "cache", "src")["channels"] == 3
+    _no_leftovers(tmp_path / "cache", ["src"])
+
+
+def test_folder_class_with_one_image_is_named(tmp_path, make_images):
+    make_images(tmp_path / "src", {"a": 2, "b": 2, "lonely": 1})
+    with pytest.raises(ValueError, match="class 'lonely' has 1 image\\(s\\), at least 2"):
+        prepare_dataset("folder", tmp_path / "src", tmp_path / "cache", split_ratios=(0.34, 0.33, 0.33), log=_quiet)
+
+
+def test_folder_too_few_classes_for_the_ratios(tmp_path, make_images):
+    make_images(tmp_path / "src", {"a": 2, "b": 2})
+    with pytest.raises(ValueError, match="leaves no class for"):
+        prepare_dataset("folder", tmp_path / "src", tmp_path / "cache", log=_quiet)
+    _no_leftovers(tmp_path / "cache")
+
+
+def test_folder_corrupt_file_is_named(tmp_path, make_images):
+    make_images(tmp_path / "src", {"a": 2, "b": 2, "c": 2})
+    (tmp_path / "src" / "b" / "b_01.png").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="Cannot read image .*b_01.png"):
+        prepare_dataset("folder", tmp_path / "src", tmp_path / "cache", split_ratios=(0.34, 0.33, 0.33), log=_quiet)
+    _no_leftovers(tmp_path / "cache")
+
+
+def test_prepared_tiny_fixture(prepared_tiny):
+    root, name = prepared_tiny
+    assert _counts(root, name) == {"train": (8, {6}), "val": (5, {6}), "test": (5, {6})}
+
+
+# --- arguments -----------------------------------------------------------------------------------
+
+
+def test_unknown_benchmark_lists_the_known_ones(tmp_path):
+    with pytest.raises(ValueError, match="Unknown dataset 'imagenet'; known: " + ", ".join(DATASETS)):
+        prepare_dataset("imagenet", tmp_path, tmp_path, log=_quiet)
+
+
+def test_missing_source_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Source .*nothing-here does not exist"):
+        prepare_dataset("fc100", tmp_path / "nothing-here", tmp_path / "cache", log=_quiet)
+
+
+def test_no_source_and_no_download(tmp_path):
+    with pytest.raises(ValueError, match="needs a source .*or download=True"):
+        prepare_dataset("omniglot", None, tmp_path, log=_quiet)
