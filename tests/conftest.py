@@ -39,7 +39,9 @@ def prepared_fc100(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture(scope="session")
-def prepared_omniglot(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def prepared_omniglot(
+    shared_data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, str]:
     """Omniglot, Lake split (792/172/659 characters x 20, 28x28x1, ink bright) (~5 s)."""
     root = tmp_path_factory.mktemp("cache_omniglot")
     prepare_dataset("omniglot", shared_data / "omniglot", root, log=_quiet)

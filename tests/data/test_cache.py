@@ -63,7 +63,9 @@ def test_manifest_has_the_documented_fields(tmp_path):
 
 
 def test_missing_dataset_says_how_to_prepare(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"No prepared dataset 'fc100' in .*mtl data prepare fc100"):
+    with pytest.raises(
+        FileNotFoundError, match=r"No prepared dataset 'fc100' in .*mtl data prepare fc100"
+    ):
         load_split(tmp_path, "fc100", "train")
 
 

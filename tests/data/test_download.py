@@ -28,7 +28,7 @@ def server(tmp_path):
 
     handler = functools.partial(Quiet, directory=str(served))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
@@ -51,13 +51,17 @@ def test_existing_file_with_good_md5_is_reused(server, tmp_path):
     dest = tmp_path / "fixture.bin"
     dest.write_bytes(PAYLOAD)
     messages = []
-    download_file("http://127.0.0.1:9/never", dest, hashlib.md5(PAYLOAD).hexdigest(), log=messages.append)
+    download_file(
+        "http://127.0.0.1:9/never", dest, hashlib.md5(PAYLOAD).hexdigest(), log=messages.append
+    )
     assert "already downloaded" in messages[0]
 
 
 def test_wrong_md5_deletes_the_file(server, tmp_path):
     dest = tmp_path / "downloads" / "fixture.bin"
-    with pytest.raises(ValueError, match=r"md5 mismatch for .*fixture.bin: got [0-9a-f]{32}, expected 0{32}"):
+    with pytest.raises(
+        ValueError, match=r"md5 mismatch for .*fixture.bin: got [0-9a-f]{32}, expected 0{32}"
+    ):
         download_file(f"{server}/fixture.bin", dest, "0" * 32, log=_quiet)
     assert list(dest.parent.iterdir()) == []
 

@@ -31,7 +31,9 @@ def _no_leftovers(root, allowed=()):
 
 def _counts(root, name):
     manifest = read_manifest(root, name)
-    return {s: (len(v["classes"]), set(v["images_per_class"])) for s, v in manifest["splits"].items()}
+    return {
+        s: (len(v["classes"]), set(v["images_per_class"])) for s, v in manifest["splits"].items()
+    }
 
 
 # --- real data ---------------------------------------------------------------------------------
@@ -58,9 +60,18 @@ def test_fc100_from_real_zip(prepared_fc100, shared_data):
 @pytest.mark.slow
 def test_cifar_fs_from_real_zip(shared_data, tmp_path):
     messages = []
-    prepare_dataset("cifar-fs", shared_data / "cifar100" / "cifar100_png.zip", tmp_path, log=messages.append)
-    assert _counts(tmp_path, "cifar-fs") == {"train": (64, {600}), "val": (16, {600}), "test": (20, {600})}
-    assert "cifar-fs: train 64 classes x 600, val 16 x 600, test 20 x 600 — matches the benchmark" in messages
+    prepare_dataset(
+        "cifar-fs", shared_data / "cifar100" / "cifar100_png.zip", tmp_path, log=messages.append
+    )
+    assert _counts(tmp_path, "cifar-fs") == {
+        "train": (64, {600}),
+        "val": (16, {600}),
+        "test": (20, {600}),
+    }
+    assert (
+        "cifar-fs: train 64 classes x 600, val 16 x 600, test 20 x 600 — matches the benchmark"
+        in messages
+    )
     assert "beaver" in load_split(tmp_path, "cifar-fs", "val").class_names
     _no_leftovers(tmp_path, ["cifar-fs"])
 
@@ -98,14 +109,22 @@ def test_omniglot_lake_with_rotations(shared_data, tmp_path, prepared_omniglot):
     counts = _counts(tmp_path, "omniglot")
     assert {s: c[0] for s, c in counts.items()} == {s: 4 * c[0] for s, c in plain.items()}
     test = load_split(tmp_path, "omniglot", "test")
-    assert test.class_names[:4] == [test.class_names[0]] + [f"{test.class_names[0]}/rot{d}" for d in ("090", "180", "270")]
+    assert test.class_names[:4] == [test.class_names[0]] + [
+        f"{test.class_names[0]}/rot{d}" for d in ("090", "180", "270")
+    ]
     np.testing.assert_array_equal(test.images[40:60], np.rot90(test.images[0:20], 2, axes=(1, 2)))
 
 
 def test_rotations_with_vinyals_split_is_rejected(shared_data, tmp_path):
     with pytest.raises(ValueError, match="rotations=True applies to Lake's split only"):
-        prepare_dataset("omniglot", shared_data / "omniglot", tmp_path, rotations=True,
-                        split_dir=shared_data / "omniglot" / "splits" / "vinyals", log=_quiet)
+        prepare_dataset(
+            "omniglot",
+            shared_data / "omniglot",
+            tmp_path,
+            rotations=True,
+            split_dir=shared_data / "omniglot" / "splits" / "vinyals",
+            log=_quiet,
+        )
     _no_leftovers(tmp_path)
 
 
@@ -141,7 +160,11 @@ def _zip_folder(folder, archive, corrupt=None):
 
 def test_tiny_omniglot_from_extracted_folders(tiny_omniglot, tmp_path):
     prepare_dataset("omniglot", tiny_omniglot, tmp_path / "cache", log=_quiet)
-    assert _counts(tmp_path / "cache", "omniglot") == {"train": (2, {20}), "val": (1, {20}), "test": (2, {20})}
+    assert _counts(tmp_path / "cache", "omniglot") == {
+        "train": (2, {20}),
+        "val": (1, {20}),
+        "test": (2, {20}),
+    }
     image = load_split(tmp_path / "cache", "omniglot", "train").images[0, ..., 0]
     assert image[0, 0] == 0 and image.max() == 255  # inverted
 
@@ -164,7 +187,9 @@ def test_omniglot_split_file_naming_missing_character(tiny_omniglot, tmp_path):
     (split_dir / "val.txt").write_text("Beta/character01/rot000\n")
     (split_dir / "test.txt").write_text("Gamma/character01/rot000\n")
     with pytest.raises(FileNotFoundError, match=r"train.txt names character Alpha/character09"):
-        prepare_dataset("omniglot", tiny_omniglot, tmp_path / "cache", split_dir=split_dir, log=_quiet)
+        prepare_dataset(
+            "omniglot", tiny_omniglot, tmp_path / "cache", split_dir=split_dir, log=_quiet
+        )
     _no_leftovers(tmp_path / "cache")
 
 
@@ -174,8 +199,12 @@ def test_omniglot_overlapping_split_files_name_the_classes(tiny_omniglot, tmp_pa
     (split_dir / "train.txt").write_text("Alpha/character01/rot000\n")
     (split_dir / "val.txt").write_text("Alpha/character01/rot000\n")
     (split_dir / "test.txt").write_text("Gamma/character01/rot000\n")
-    with pytest.raises(ValueError, match=r"'train' and 'val' share 1 classes \(Alpha/character01/rot000\)"):
-        prepare_dataset("omniglot", tiny_omniglot, tmp_path / "cache", split_dir=split_dir, log=_quiet)
+    with pytest.raises(
+        ValueError, match=r"'train' and 'val' share 1 classes \(Alpha/character01/rot000\)"
+    ):
+        prepare_dataset(
+            "omniglot", tiny_omniglot, tmp_path / "cache", split_dir=split_dir, log=_quiet
+        )
 
 
 def test_omniglot_incomplete_archive_is_reported(tiny_omniglot, tmp_path, monkeypatch):
@@ -195,7 +224,10 @@ def _fake_cifar_tar(path, per_class=(2, 1)):
         labels = np.repeat(np.arange(100), count)
         index = np.tile(np.arange(count), 100) + offset
         data = (10 * np.arange(3)[None, :, None] + index[:, None, None]).repeat(1024, axis=2)
-        parts[member] = {b"data": data.reshape(len(labels), 3072).astype(np.uint8), b"fine_labels": labels.tolist()}
+        parts[member] = {
+            b"data": data.reshape(len(labels), 3072).astype(np.uint8),
+            b"fine_labels": labels.tolist(),
+        }
     parts["meta"] = {b"fine_label_names": [n.encode() for n in FINE_NAMES]}
     with tarfile.open(path, "w:gz") as tar:
         for member, content in parts.items():
@@ -254,7 +286,11 @@ def test_image_count_mismatch_is_an_error_naming_the_numbers(tiny_cifar_zip, tmp
 
 def test_cifar_class_folders_in_a_plain_folder(tiny_cifar_zip, tmp_path):
     prepare_dataset("cifar-fs", tiny_cifar_zip.parent, tmp_path / "cache", verify=False, log=_quiet)
-    assert _counts(tmp_path / "cache", "cifar-fs") == {"train": (64, {2}), "val": (16, {2}), "test": (20, {2})}
+    assert _counts(tmp_path / "cache", "cifar-fs") == {
+        "train": (64, {2}),
+        "val": (16, {2}),
+        "test": (20, {2}),
+    }
 
 
 def test_cifar_corrupt_png_is_named(tiny_cifar_zip, tmp_path):
@@ -305,37 +341,57 @@ def tiny_mini(shared_data, tmp_path):
                 for k in range(2):
                     name = f"{synset}{k:08d}.jpg"
                     mode = "L" if k else "RGB"  # any mode must become RGB
-                    Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).convert(mode).save(source / "images" / name)
+                    Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).convert(
+                        mode
+                    ).save(source / "images" / name)
                     writer.writerow([name, synset])
     return source
 
 
 def test_mini_fixture_reports_the_mismatch_and_builds_with_verify_off(tiny_mini, tmp_path):
-    with pytest.raises(ValueError, match=r"miniimagenet: train 64 classes x 2, .* the benchmark 600"):
+    with pytest.raises(
+        ValueError, match=r"miniimagenet: train 64 classes x 2, .* the benchmark 600"
+    ):
         prepare_dataset("miniimagenet", tiny_mini, tmp_path / "cache", log=_quiet)
     _no_leftovers(tmp_path / "cache")
     prepare_dataset("miniimagenet", tiny_mini, tmp_path / "cache", verify=False, log=_quiet)
-    assert _counts(tmp_path / "cache", "miniimagenet") == {"train": (64, {2}), "val": (16, {2}), "test": (20, {2})}
+    assert _counts(tmp_path / "cache", "miniimagenet") == {
+        "train": (64, {2}),
+        "val": (16, {2}),
+        "test": (20, {2}),
+    }
     assert load_split(tmp_path / "cache", "miniimagenet", "val").images.shape == (32, 84, 84, 3)
 
 
 def test_mini_csv_naming_a_missing_image(tiny_mini, tmp_path):
     victim = next((tiny_mini / "images").glob("*.jpg"))
     victim.unlink()
-    with pytest.raises(FileNotFoundError, match=f"names {victim.name} .*image folder is incomplete"):
+    with pytest.raises(
+        FileNotFoundError, match=f"names {victim.name} .*image folder is incomplete"
+    ):
         prepare_dataset("miniimagenet", tiny_mini, tmp_path / "cache", log=_quiet)
 
 
 def test_mini_split_tree_with_split_dir_absent(tmp_path, make_images):
     for split, names in {"train": ["a", "b"], "val": ["c"], "test": ["d"]}.items():
         make_images(tmp_path / "tree" / split, {n: 3 for n in names}, suffix=".jpg")
-    prepare_dataset("miniimagenet", tmp_path / "tree", tmp_path / "cache", image_size=8, verify=False, log=_quiet)
-    assert read_manifest(tmp_path / "cache", "miniimagenet")["splits"]["train"]["classes"] == ["a", "b"]
+    prepare_dataset(
+        "miniimagenet",
+        tmp_path / "tree",
+        tmp_path / "cache",
+        image_size=8,
+        verify=False,
+        log=_quiet,
+    )
+    assert read_manifest(tmp_path / "cache", "miniimagenet")["splits"]["train"]["classes"] == [
+        "a",
+        "b",
+    ]
 
 
 @pytest.fixture
 def tiny_tiered(shared_data, tmp_path, make_images):
-    """Split CSVs with the first 2 real classes of each split; `SOURCE/train/<synset>/`, 20 images."""
+    """Split CSVs with the first 2 real classes of each split; `SOURCE/train/<synset>/` x 20."""
     source, split_dir = tmp_path / "tiered", tmp_path / "tiered_splits"
     split_dir.mkdir()
     for split in ("train", "val", "test"):
@@ -348,9 +404,18 @@ def tiny_tiered(shared_data, tmp_path, make_images):
 def test_tiered_fixture_reports_class_mismatch_and_builds_with_verify_off(tiny_tiered, tmp_path):
     source, split_dir = tiny_tiered
     with pytest.raises(ValueError, match=r"train has 2 classes, the benchmark 351"):
-        prepare_dataset("tieredimagenet", source, tmp_path / "cache", split_dir=split_dir, log=_quiet)
-    prepare_dataset("tieredimagenet", source, tmp_path / "cache", split_dir=split_dir,
-                    image_size=12, verify=False, log=_quiet)
+        prepare_dataset(
+            "tieredimagenet", source, tmp_path / "cache", split_dir=split_dir, log=_quiet
+        )
+    prepare_dataset(
+        "tieredimagenet",
+        source,
+        tmp_path / "cache",
+        split_dir=split_dir,
+        image_size=12,
+        verify=False,
+        log=_quiet,
+    )
     assert _counts(tmp_path / "cache", "tieredimagenet")["test"] == (2, {20})
 
 
@@ -359,35 +424,60 @@ def test_tiered_class_with_too_few_images(tiny_tiered, tmp_path):
     folder = next(p for p in sorted((source / "train").iterdir()))
     next(folder.iterdir()).unlink()
     with pytest.raises(ValueError, match=f"class '{folder.name}' has 19 image\\(s\\), at least 20"):
-        prepare_dataset("tieredimagenet", source, tmp_path / "cache", split_dir=split_dir, verify=False, log=_quiet)
+        prepare_dataset(
+            "tieredimagenet",
+            source,
+            tmp_path / "cache",
+            split_dir=split_dir,
+            verify=False,
+            log=_quiet,
+        )
 
 
 def test_tiered_missing_class_folder_and_overlap(tiny_tiered, tmp_path):
     source, split_dir = tiny_tiered
     val_first = (split_dir / "val.csv").read_text().splitlines()[0]
     shutil.rmtree(source / "train" / val_first.split(",")[0])
-    with pytest.raises(FileNotFoundError, match=f"no image folder for classes {val_first.split(',')[0]}"):
-        prepare_dataset("tieredimagenet", source, tmp_path / "cache", split_dir=split_dir, log=_quiet)
+    with pytest.raises(
+        FileNotFoundError, match=f"no image folder for classes {val_first.split(',')[0]}"
+    ):
+        prepare_dataset(
+            "tieredimagenet", source, tmp_path / "cache", split_dir=split_dir, log=_quiet
+        )
     with open(split_dir / "test.csv", "a") as handle:
         handle.write(val_first + "\n")
-    with pytest.raises(ValueError, match=f"'val' and 'test' share 1 classes \\({val_first.split(',')[0]}\\)"):
-        prepare_dataset("tieredimagenet", source, tmp_path / "cache", split_dir=split_dir, log=_quiet)
+    with pytest.raises(
+        ValueError, match=f"'val' and 'test' share 1 classes \\({val_first.split(',')[0]}\\)"
+    ):
+        prepare_dataset(
+            "tieredimagenet", source, tmp_path / "cache", split_dir=split_dir, log=_quiet
+        )
 
 
-# --- folder ----------------------------------------------------------------------------------------
+# --- folder ------------------------------------------------------------------------------------
 
 
 def test_folder_split_by_class_is_seeded_and_disjoint(tmp_path, make_images):
     make_images(tmp_path / "birds", {f"class{i}": 3 for i in range(10)}, mode="L")
     messages = []
-    prepare_dataset("folder", tmp_path / "birds", tmp_path / "cache", image_size=8, seed=3, log=messages.append)
+    prepare_dataset(
+        "folder", tmp_path / "birds", tmp_path / "cache", image_size=8, seed=3, log=messages.append
+    )
     manifest = read_manifest(tmp_path / "cache", "birds")
     assert manifest["channels"] == 1  # all grayscale stays grayscale
     classes = {s: v["classes"] for s, v in manifest["splits"].items()}
     assert [len(c) for c in classes.values()] == [6, 2, 2]
     assert sorted(sum(classes.values(), [])) == sorted(f"class{i}" for i in range(10))
     assert any("no benchmark numbers" in m for m in messages)
-    prepare_dataset("folder", tmp_path / "birds", tmp_path / "cache", image_size=8, seed=3, output_name="again", log=_quiet)
+    prepare_dataset(
+        "folder",
+        tmp_path / "birds",
+        tmp_path / "cache",
+        image_size=8,
+        seed=3,
+        output_name="again",
+        log=_quiet,
+    )
     assert read_manifest(tmp_path / "cache", "again")["splits"] == manifest["splits"]
 
 
@@ -395,8 +485,14 @@ def test_folder_mixed_modes_become_rgb_and_rerun_is_harmless(tmp_path, make_imag
     make_images(tmp_path / "src", {"a": 2, "b": 2, "c": 2}, mode="L")
     make_images(tmp_path / "src", {"d": 2}, mode="RGB")
     for _ in range(2):
-        prepare_dataset("folder", tmp_path / "src", tmp_path / "cache", image_size=8,
-                        split_ratios=(0.5, 0.25, 0.25), log=_quiet)
+        prepare_dataset(
+            "folder",
+            tmp_path / "src",
+            tmp_path / "cache",
+            image_size=8,
+            split_ratios=(0.5, 0.25, 0.25),
+            log=_quiet,
+        )
     assert read_manifest(tmp_path / "cache", "src")["channels"] == 3
     _no_leftovers(tmp_path / "cache", ["src"])
 
@@ -404,7 +500,13 @@ def test_folder_mixed_modes_become_rgb_and_rerun_is_harmless(tmp_path, make_imag
 def test_folder_class_with_one_image_is_named(tmp_path, make_images):
     make_images(tmp_path / "src", {"a": 2, "b": 2, "lonely": 1})
     with pytest.raises(ValueError, match="class 'lonely' has 1 image\\(s\\), at least 2"):
-        prepare_dataset("folder", tmp_path / "src", tmp_path / "cache", split_ratios=(0.34, 0.33, 0.33), log=_quiet)
+        prepare_dataset(
+            "folder",
+            tmp_path / "src",
+            tmp_path / "cache",
+            split_ratios=(0.34, 0.33, 0.33),
+            log=_quiet,
+        )
 
 
 def test_folder_too_few_classes_for_the_ratios(tmp_path, make_images):
@@ -418,7 +520,13 @@ def test_folder_corrupt_file_is_named(tmp_path, make_images):
     make_images(tmp_path / "src", {"a": 2, "b": 2, "c": 2})
     (tmp_path / "src" / "b" / "b_01.png").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="Cannot read image .*b_01.png"):
-        prepare_dataset("folder", tmp_path / "src", tmp_path / "cache", split_ratios=(0.34, 0.33, 0.33), log=_quiet)
+        prepare_dataset(
+            "folder",
+            tmp_path / "src",
+            tmp_path / "cache",
+            split_ratios=(0.34, 0.33, 0.33),
+            log=_quiet,
+        )
     _no_leftovers(tmp_path / "cache")
 
 
@@ -431,7 +539,9 @@ def test_prepared_tiny_fixture(prepared_tiny):
 
 
 def test_unknown_benchmark_lists_the_known_ones(tmp_path):
-    with pytest.raises(ValueError, match="Unknown dataset 'imagenet'; known: " + ", ".join(DATASETS)):
+    with pytest.raises(
+        ValueError, match="Unknown dataset 'imagenet'; known: " + ", ".join(DATASETS)
+    ):
         prepare_dataset("imagenet", tmp_path, tmp_path, log=_quiet)
 
 

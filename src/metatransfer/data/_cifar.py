@@ -63,7 +63,9 @@ def _read_canonical(archive: Path) -> dict[str, np.ndarray]:
                 handle = tar.extractfile(f"cifar-100-python/{member}")
                 parts[member] = pickle.load(handle, encoding="bytes")
     except (tarfile.TarError, EOFError, OSError, KeyError, pickle.UnpicklingError) as error:
-        raise ValueError(f"{archive} is damaged or truncated ({error}); download it again") from error
+        raise ValueError(
+            f"{archive} is damaged or truncated ({error}); download it again"
+        ) from error
     names = [name.decode() for name in parts["meta"][b"fine_label_names"]]
     if names != list(FINE_NAMES):
         raise ValueError(f"{archive}: fine label names differ from CIFAR-100's; is this CIFAR-100?")
@@ -120,7 +122,9 @@ def build_cifar(
         arrays = _read_canonical(source)
         for split in SPLITS:
             names = classes[split]
-            labels = np.repeat(np.arange(len(names), dtype=np.int64), [len(arrays[n]) for n in names])
+            labels = np.repeat(
+                np.arange(len(names), dtype=np.int64), [len(arrays[n]) for n in names]
+            )
             images = builder.new_split(split, labels, names, (image_size, image_size, 3))
             stacked = np.concatenate([arrays[n] for n in names])
             if image_size != 32:
@@ -132,8 +136,8 @@ def build_cifar(
     if missing:
         raise FileNotFoundError(
             f"{source}: no folder of images for CIFAR-100 classes {', '.join(missing[:10])}"
-            f"{' ...' if len(missing) > 10 else ''} ({len(missing)} missing); expected one folder per "
-            f"fine class name, e.g. cifar100/apple/*.png"
+            f"{' ...' if len(missing) > 10 else ''} ({len(missing)} missing); expected one "
+            f"folder per fine class name, e.g. cifar100/apple/*.png"
         )
     for split in SPLITS:
         split_list: ClassList = [(n, found[n]) for n in classes[split]]

@@ -18,7 +18,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-__all__ = ["ImageRef", "IMAGE_SUFFIXES", "is_image_name", "open_zip", "decode_into", "probe_grayscale"]
+__all__ = [
+    "ImageRef",
+    "IMAGE_SUFFIXES",
+    "is_image_name",
+    "open_zip",
+    "decode_into",
+    "probe_grayscale",
+]
 
 ImageRef = tuple[str, str]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")

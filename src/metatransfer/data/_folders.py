@@ -39,12 +39,16 @@ def _tree(source: Path, where: str) -> dict[str, ClassList]:
     for split in SPLITS:
         folder = source / split
         if not folder.is_dir():
-            raise FileNotFoundError(f"{where}: {folder} is missing; a split tree needs train/, val/ and test/")
+            raise FileNotFoundError(
+                f"{where}: {folder} is missing; a split tree needs train/, val/ and test/"
+            )
         class_dirs = sorted(path for path in folder.iterdir() if path.is_dir())
         splits[split] = [(path.name, [("", f) for f in list_images(path)]) for path in class_dirs]
         if not splits[split]:
             raise ValueError(f"{where}: {folder} has no class folders")
-    check_disjoint({split: [name for name, _ in classes] for split, classes in splits.items()}, where)
+    check_disjoint(
+        {split: [name for name, _ in classes] for split, classes in splits.items()}, where
+    )
     return splits
 
 
@@ -52,7 +56,9 @@ def read_mini(source: Path, split_dir: Path | None) -> tuple[dict[str, ClassList
     """Ravi & Larochelle CSVs (`filename,label`) + `images/`, or a train/val/test tree."""
     csv_dir = split_dir or source
     if split_dir is None and not (source / "train.csv").is_file() and (source / "train").is_dir():
-        return _tree(source, f"miniImageNet tree {source}"), "miniimagenet (train/val/test class folders)"
+        return _tree(
+            source, f"miniImageNet tree {source}"
+        ), "miniimagenet (train/val/test class folders)"
     images_dir = source / "images"
     if not images_dir.is_dir():
         raise FileNotFoundError(
@@ -74,9 +80,14 @@ def read_mini(source: Path, split_dir: Path | None) -> tuple[dict[str, ClassList
                         f"{path} names {row['filename']} (class {row['label']}), which is not in "
                         f"{images_dir}; the image folder is incomplete"
                     )
-                per_class.setdefault(row["label"], []).append(("", str(images_dir / row["filename"])))
+                per_class.setdefault(row["label"], []).append(
+                    ("", str(images_dir / row["filename"]))
+                )
         splits[split] = sorted(per_class.items())
-    check_disjoint({s: [name for name, _ in classes] for s, classes in splits.items()}, f"miniImageNet CSVs in {csv_dir}")
+    check_disjoint(
+        {s: [name for name, _ in classes] for s, classes in splits.items()},
+        f"miniImageNet CSVs in {csv_dir}",
+    )
     return splits, f"miniimagenet ravi & larochelle split (CSVs from {csv_dir})"
 
 
@@ -102,9 +113,14 @@ def read_tiered(source: Path, split_dir: Path | None) -> tuple[dict[str, ClassLi
                 f"({len(missing)} missing) in {image_root}; it must hold ImageNet train folders "
                 f"named by synset"
             )
-        splits[split] = [(name, [("", f) for f in list_images(image_root / name)]) for name in names]
+        splits[split] = [
+            (name, [("", f) for f in list_images(image_root / name)]) for name in names
+        ]
         check_min_images(splits[split], TIERED_MIN_IMAGES, f"tieredImageNet {split}")
-    return splits, f"tieredimagenet ren et al. split (CSVs from {csv_dir}), all images of each class"
+    return (
+        splits,
+        f"tieredimagenet ren et al. split (CSVs from {csv_dir}), all images of each class",
+    )
 
 
 def read_folder(
@@ -115,13 +131,21 @@ def read_folder(
         splits = _tree(source, f"folder {source}")
         protocol = "folder with train/val/test class folders as given"
     else:
-        class_dirs = sorted(path for path in source.iterdir() if path.is_dir() and not path.name.startswith("."))
+        class_dirs = sorted(
+            path for path in source.iterdir() if path.is_dir() and not path.name.startswith(".")
+        )
         if len(split_ratios) != 3 or min(split_ratios) < 0 or abs(sum(split_ratios) - 1) > 1e-6:
-            raise ValueError(f"split_ratios must be three non-negative numbers summing to 1, got {split_ratios}")
+            raise ValueError(
+                f"split_ratios must be three non-negative numbers summing to 1, got {split_ratios}"
+            )
         order = np.random.default_rng(seed).permutation(len(class_dirs))
         n_train = round(split_ratios[0] * len(class_dirs))
         n_val = round(split_ratios[1] * len(class_dirs))
-        bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, len(class_dirs))}
+        bounds = {
+            "train": (0, n_train),
+            "val": (n_train, n_train + n_val),
+            "test": (n_train + n_val, len(class_dirs)),
+        }
         splits = {}
         for split, (start, stop) in bounds.items():
             chosen = sorted(class_dirs[i] for i in order[start:stop])

@@ -63,7 +63,9 @@ def _index(source: Path) -> tuple[dict[str, tuple[str, list[ImageRef]]], dict[st
     return characters, files
 
 
-def _check_counts(characters: dict[str, tuple[str, list[ImageRef]]], log: Callable[[str], None]) -> None:
+def _check_counts(
+    characters: dict[str, tuple[str, list[ImageRef]]], log: Callable[[str], None]
+) -> None:
     for set_name, expected in SETS.items():
         found = [key for key, (owner, _) in characters.items() if owner == set_name]
         if len(found) != expected:
@@ -77,8 +79,10 @@ def _check_counts(characters: dict[str, tuple[str, list[ImageRef]]], log: Callab
             f"Omniglot characters without exactly {DRAWINGS} drawings: {', '.join(short[:10])}; "
             f"the archive is incomplete: download it again"
         )
-    log(f"omniglot: {SETS['images_background']} background + {SETS['images_evaluation']} "
-        f"evaluation characters, {DRAWINGS} drawings each, as expected")
+    log(
+        f"omniglot: {SETS['images_background']} background + {SETS['images_evaluation']} "
+        f"evaluation characters, {DRAWINGS} drawings each, as expected"
+    )
 
 
 def _read_vinyals(split_dir: Path, characters: dict) -> dict[str, list[str]]:
@@ -86,12 +90,17 @@ def _read_vinyals(split_dir: Path, characters: dict) -> dict[str, list[str]]:
     for split in SPLITS:
         path = split_dir / f"{split}.txt"
         if not path.is_file():
-            raise FileNotFoundError(f"Split file {path} is missing; --split-dir needs train.txt, val.txt, test.txt")
+            raise FileNotFoundError(
+                f"Split file {path} is missing; --split-dir needs train.txt, val.txt, test.txt"
+            )
         lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         for line in lines:
             parts = line.split("/")
             if len(parts) != 3 or parts[2] not in ROTATIONS:
-                raise ValueError(f"{path}: bad line {line!r}; expected <alphabet>/<characterNN>/rot000|rot090|rot180|rot270")
+                raise ValueError(
+                    f"{path}: bad line {line!r}; expected "
+                    "<alphabet>/<characterNN>/rot000|rot090|rot180|rot270"
+                )
             if f"{parts[0]}/{parts[1]}" not in characters:
                 raise FileNotFoundError(
                     f"{path} names character {parts[0]}/{parts[1]}, which is not in the Omniglot "
@@ -107,12 +116,24 @@ def _lake_classes(characters: dict, rotations: bool) -> dict[str, list[str]]:
     for key in sorted(characters):
         set_name = characters[key][0]
         alphabet = key.split("/")[0]
-        split = "test" if set_name == "images_evaluation" else "val" if alphabet in VAL_ALPHABETS else "train"
+        split = (
+            "test"
+            if set_name == "images_evaluation"
+            else "val"
+            if alphabet in VAL_ALPHABETS
+            else "train"
+        )
         base[split].append(key)
     if not rotations:
         return base
-    return {split: [f"{key}/{rotation}" if rotation != "rot000" else key for key in keys for rotation in ROTATIONS]
-            for split, keys in base.items()}
+    return {
+        split: [
+            f"{key}/{rotation}" if rotation != "rot000" else key
+            for key in keys
+            for rotation in ROTATIONS
+        ]
+        for split, keys in base.items()
+    }
 
 
 def build_omniglot(
@@ -128,15 +149,20 @@ def build_omniglot(
     _check_counts(characters, log)
     if split_dir is not None:
         if rotations:
-            raise ValueError("rotations=True applies to Lake's split only; the Vinyals split files already list rotations")
+            raise ValueError(
+                "rotations=True applies to Lake's split only; the Vinyals split files already "
+                "list rotations"
+            )
         classes = _read_vinyals(Path(split_dir), characters)
         protocol = f"omniglot vinyals + rotations (split files from {split_dir})"
         expected = {split: (count, DRAWINGS) for split, count in VINYALS_CLASSES.items()}
     else:
         classes = _lake_classes(characters, rotations)
-        protocol = ("omniglot lake: train = background alphabets except val, val = "
-                    f"{', '.join(VAL_ALPHABETS)}, test = evaluation alphabets"
-                    + (", + rotations 90/180/270 as extra classes" if rotations else ""))
+        protocol = (
+            "omniglot lake: train = background alphabets except val, val = "
+            f"{', '.join(VAL_ALPHABETS)}, test = evaluation alphabets"
+            + (", + rotations 90/180/270 as extra classes" if rotations else "")
+        )
         expected = {split: (len(names), DRAWINGS) for split, names in classes.items()}
     # Decode every character once, then copy (and rotate) into each split.
     keys = sorted(characters)
@@ -153,5 +179,9 @@ def build_omniglot(
             parts = name.split("/")
             turns = ROTATIONS.index(parts[2]) if len(parts) == 3 else 0
             drawings = decoded[position[f"{parts[0]}/{parts[1]}"]]
-            images[label * DRAWINGS : (label + 1) * DRAWINGS] = np.rot90(drawings, turns, axes=(1, 2))
-    return Built(source_path=source, sha256=None, protocol=protocol, expected=expected, files=files or None)
+            images[label * DRAWINGS : (label + 1) * DRAWINGS] = np.rot90(
+                drawings, turns, axes=(1, 2)
+            )
+    return Built(
+        source_path=source, sha256=None, protocol=protocol, expected=expected, files=files or None
+    )

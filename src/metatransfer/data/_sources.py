@@ -51,7 +51,9 @@ def sha256_file(path: str | Path) -> str:
 
 def list_images(folder: Path) -> list[str]:
     """Image files directly inside `folder`, sorted by name (hidden files skipped)."""
-    return sorted(str(path) for path in folder.iterdir() if path.is_file() and is_image_name(path.name))
+    return sorted(
+        str(path) for path in folder.iterdir() if path.is_file() and is_image_name(path.name)
+    )
 
 
 def check_disjoint(class_names: dict[str, list[str]], where: str) -> None:
@@ -69,7 +71,9 @@ def check_disjoint(class_names: dict[str, list[str]], where: str) -> None:
         names = class_names[split]
         if len(set(names)) != len(names):
             repeated = sorted({name for name in names if names.count(name) > 1})
-            raise ValueError(f"{where}: split {split!r} lists classes twice: {', '.join(repeated[:10])}")
+            raise ValueError(
+                f"{where}: split {split!r} lists classes twice: {', '.join(repeated[:10])}"
+            )
 
 
 def check_min_images(classes: ClassList, minimum: int, where: str) -> None:

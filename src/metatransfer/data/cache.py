@@ -77,7 +77,9 @@ def read_manifest(root: str | Path, name: str) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"Unreadable manifest {path}: {error}; prepare the dataset again") from error
+        raise ValueError(
+            f"Unreadable manifest {path}: {error}; prepare the dataset again"
+        ) from error
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(
@@ -105,7 +107,9 @@ def load_split(root: str | Path, name: str, split: str) -> ImageSplit:
     if images.dtype != np.uint8 or images.shape != expected_shape:
         problem = f"images are {images.dtype} {images.shape}, manifest says uint8 {expected_shape}"
     elif labels.dtype != np.int64 or labels.shape != (info["num_images"],):
-        problem = f"labels are {labels.dtype} {labels.shape}, manifest says int64 ({info['num_images']},)"
+        problem = (
+            f"labels are {labels.dtype} {labels.shape}, manifest says int64 ({info['num_images']},)"
+        )
     elif np.bincount(labels, minlength=len(info["classes"])).tolist() != info["images_per_class"]:
         problem = "labels disagree with the manifest's images_per_class"
     if problem:

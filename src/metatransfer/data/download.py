@@ -17,7 +17,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-__all__ = ["RemoteFile", "DOWNLOADS", "MIRROR_ENV", "download_file", "download_benchmark", "file_md5"]
+__all__ = [
+    "RemoteFile",
+    "DOWNLOADS",
+    "MIRROR_ENV",
+    "download_file",
+    "download_benchmark",
+    "file_md5",
+]
 
 MIRROR_ENV = "METATRANSFER_MIRROR"
 _CHUNK = 1 << 20
@@ -94,7 +101,9 @@ def download_file(
             )
         os.replace(partial, dest)
     except urllib.error.URLError as error:
-        raise OSError(f"Could not download {url}: {error.reason}; check the network or mirror") from error
+        raise OSError(
+            f"Could not download {url}: {error.reason}; check the network or mirror"
+        ) from error
     finally:
         partial.unlink(missing_ok=True)
     return dest

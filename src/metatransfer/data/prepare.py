@@ -116,7 +116,12 @@ def _build(
 ) -> Built:
     if name == "omniglot":
         return build_omniglot(
-            builder, source, split_dir=split_dir, rotations=rotations, image_size=image_size, log=log
+            builder,
+            source,
+            split_dir=split_dir,
+            rotations=rotations,
+            image_size=image_size,
+            log=log,
         )
     if name in ("fc100", "cifar-fs"):
         return build_cifar(builder, name, source, image_size=image_size, log=log)
@@ -133,7 +138,9 @@ def _build(
         expected = None
     mode = "RGB"
     if name == "folder":
-        refs = [ref for classes in splits.values() for _, class_refs in classes for ref in class_refs]
+        refs = [
+            ref for classes in splits.values() for _, class_refs in classes for ref in class_refs
+        ]
         mode = "L" if probe_grayscale(refs) else "RGB"
     for split in SPLITS:
         write_classes(builder, split, splits[split], mode=mode, size=image_size)
