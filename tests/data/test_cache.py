@@ -131,4 +131,13 @@ def test_describe_lists_protocol_splits_and_stats(tmp_path):
     text = describe(tmp_path, "toy")
     assert "toy protocol" in text
     assert "train     3 classes, 9 images (2-4 per class)" in text
+    assert "val       2 classes, 5 images (2-3 per class)" in text
     assert "4x4, 3 channel(s)" in text and "mean" in text and "std" in text
+
+
+def test_temp_folders_of_dead_runs_are_removed(tmp_path):
+    stale = tmp_path / ".toy.tmp-999999999"  # no such process
+    stale.mkdir(parents=True)
+    (stale / "junk").write_text("x")
+    _write(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy"]

@@ -137,10 +137,11 @@ def describe(root: str | Path, name: str) -> str:
     ]
     for split in SPLITS:
         info = manifest["splits"][split]
-        counts = info["images_per_class"]
+        low, high = min(info["images_per_class"]), max(info["images_per_class"])
+        per_class = f"{low}" if low == high else f"{low}-{high}"
         lines.append(
             f"{split:<9} {len(info['classes'])} classes, {info['num_images']} images "
-            f"({min(counts)}-{max(counts)} per class)"
+            f"({per_class} per class)"
         )
     lines.append(f"source    {source['path']}")
     lines.append(f"sha256    {source['sha256'] or '(folder, none)'}")
@@ -185,12 +186,26 @@ class CacheBuilder:
 
     def __enter__(self) -> CacheBuilder:
         self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_stale()
         shutil.rmtree(self.temp, ignore_errors=True)
         self.temp.mkdir()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         shutil.rmtree(self.temp, ignore_errors=True)
+
+    def _remove_stale(self) -> None:
+        """Remove temp folders left by killed runs (their process no longer exists)."""
+        for path in self.root.glob(f".{self.name}.*-*"):
+            kind, _, pid = path.name[len(self.name) + 2 :].partition("-")
+            if kind not in ("tmp", "old") or not pid.isdigit():
+                continue
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                shutil.rmtree(path, ignore_errors=True)
+            except OSError:
+                pass  # alive, or not ours to judge
 
     def new_split(
         self,
@@ -274,7 +289,12 @@ class CacheBuilder:
         if final.exists():
             # Two renames: the old cache stays whole until the new one is complete.
             os.replace(final, old)
-        os.replace(self.temp, final)
+        try:
+            os.replace(self.temp, final)
+        except OSError:
+            if old.exists():
+                os.replace(old, final)
+            raise
         shutil.rmtree(old, ignore_errors=True)
         return final
 
