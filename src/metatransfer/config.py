@@ -76,7 +76,7 @@ class BaseLearnerConfig:
 
     steps: int = 100  # gradient steps on the support set (PyTorch port: 100; TF code: 20)
     lr: float = 0.01  # step size on the mean cross-entropy
-    init: str = "kaiming"  # meta-learned init's starting value: kaiming | xavier | zeros
+    init: str = "zeros"  # theta's start: zeros (see docs/method.md), kaiming (PyTorch port), xavier (TF code)
 
 
 @dataclass

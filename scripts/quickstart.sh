@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Fresh machine -> installed `mtl` -> Omniglot prepared -> all three MTL phases (about 20 min on 2 cores).
+# Data: ../shared/data/omniglot if it is there, else the canonical archives (--download, md5-checked).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/pip install -q torch==2.13.0          # the CPU wheel; on a GPU machine: pip install torch
+.venv/bin/pip install -q -e ".[all]"
+if [ -d ../shared/data/omniglot ]; then
+  .venv/bin/mtl data prepare omniglot --source ../shared/data/omniglot --root data
+else
+  .venv/bin/mtl data prepare omniglot --download --root data
+fi
+.venv/bin/mtl run --preset omniglot-cpu --data-root data --out runs/omniglot-cpu "$@"

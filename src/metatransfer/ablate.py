@@ -1,0 +1,136 @@
+"""`mtl ablate`: the paper's ablation rows on one shared pre-trained backbone, as a table and plots.
+
+Rows (Sun et al. 2019, Table 3 and Figure 4): the pre-trained backbone with an FC fine-tuned at test
+time only; FT (meta-train all conv weights, first order) and SS (scale-shift), each without and with
+the hard-task meta-batch. Each meta-trained row is trained separately per shot, as in the paper,
+and for several seeds; every row is scored on the same seeded test episodes. The convergence plot
+is validation accuracy against meta-iterations for SS with and without HT (mean and band over seeds).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from metatransfer.config import Config, config_to_dict
+from metatransfer.phases import meta_test, meta_train, pretrain
+from metatransfer.run import checkpoint_exists, prepare_run_dir, write_json
+
+__all__ = ["ROWS", "run_ablation", "summarise", "write_table"]
+
+# name -> (model.adapt, hard tasks on?, meta-trained?)
+ROWS: dict[str, tuple[str, bool, bool]] = {
+    "pre-trained, FC at test only": ("ss", False, False),
+    "FT, no HT": ("ft", False, True),
+    "FT + HT": ("ft", True, True),
+    "SS, no HT": ("ss", False, True),
+    "SS + HT": ("ss", True, True),
+}
+
+
+def _row_config(base: Config, adapt: str, hard: bool, shot: int, seed: int) -> Config:
+    config = copy.deepcopy(base)
+    config.seed = seed
+    config.model = replace(base.model, adapt=adapt)
+    config.meta_train = replace(base.meta_train, n_shot=shot, first_order=base.meta_train.first_order or adapt == "ft",
+                                hard_tasks=replace(base.meta_train.hard_tasks, enabled=hard))
+    config.meta_test = replace(base.meta_test, n_shot=[shot])
+    return config
+
+
+def _slug(row: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in row.lower()).strip("-").replace("--", "-")
+
+
+def run_ablation(
+    base: Config, out: Path, *, shots: Sequence[int], seeds: Sequence[int], pretrained: Path | None = None,
+    rows: Sequence[str] = tuple(ROWS), log=print,
+) -> list[dict[str, Any]]:
+    """Run (or resume) every row x shot x seed under `out` and return one record per run."""
+    shared = out / "pretrained"
+    if pretrained is not None:
+        if not checkpoint_exists(pretrained / "pretrain" / "best"):
+            raise FileNotFoundError(f"{pretrained} has no pretrain/best checkpoint; give a run directory that finished `mtl pretrain`.")
+        shared = pretrained
+    else:
+        prepare_run_dir(shared, base)
+        pretrain.run(base, shared, log=log)
+    records = []
+    for row in rows:
+        adapt, hard, trained = ROWS[row]
+        for shot in shots:
+            for seed in seeds if trained else seeds[:1]:  # the untrained row has no seed-dependent part
+                config = _row_config(base, adapt, hard, shot, seed)
+                run_dir = out / f"{_slug(row)}-{shot}shot-seed{seed}"
+                run_dir.mkdir(parents=True, exist_ok=True)
+                for suffix in (".json", ".safetensors"):
+                    target = run_dir / "pretrain" / f"best{suffix}"
+                    if not target.exists():
+                        target.parent.mkdir(exist_ok=True)
+                        shutil.copy2(shared / "pretrain" / f"best{suffix}", target)
+                prepare_run_dir(run_dir, config)
+                log(f"ablation: {row}, {shot}-shot, seed {seed} -> {run_dir}")
+                if trained:
+                    meta_train.run(config, run_dir, log=log)
+                result = meta_test.run(config, run_dir, log=log)[0]
+                records.append({"row": row, "shot": shot, "seed": seed, "run_dir": str(run_dir), **result})
+    write_json(out / "ablation.json", {"config": config_to_dict(base), "records": records})
+    return records
+
+
+def summarise(records: Sequence[dict[str, Any]]) -> dict[tuple[str, int], dict[str, float]]:
+    """Per (row, shot): mean accuracy and CI over seeds (CI averaged), spread across seeds."""
+    table: dict[tuple[str, int], dict[str, float]] = {}
+    for key in {(r["row"], r["shot"]) for r in records}:
+        group = [r for r in records if (r["row"], r["shot"]) == key]
+        accuracies = np.array([r["accuracy"] for r in group])
+        table[key] = {"accuracy": float(accuracies.mean()), "ci95": float(np.mean([r["ci95"] for r in group])),
+                      "seed_std": float(accuracies.std(ddof=1)) if len(group) > 1 else 0.0, "seeds": len(group)}
+    return table
+
+
+def write_table(records: Sequence[dict[str, Any]], path: Path, *, title: str) -> str:
+    table = summarise(records)
+    shots = sorted({shot for _, shot in table})
+    episodes = records[0]["episodes"] if records else 0
+    lines = [f"# {title}", "", f"Accuracy in % on {episodes} seeded test episodes per run (mean +- 95% CI; "
+             "with several seeds: mean over seeds, mean CI, and the std across seeds in brackets).", "",
+             "| row | " + " | ".join(f"{s}-shot" for s in shots) + " |", "|---|" + "---|" * len(shots)]
+    for row in ROWS:
+        cells = []
+        for shot in shots:
+            entry = table.get((row, shot))
+            if entry is None:
+                cells.append("-")
+            else:
+                spread = f" [{entry['seed_std']:.2f}, {entry['seeds']} seeds]" if entry["seeds"] > 1 else ""
+                cells.append(f"{entry['accuracy']:.2f} +- {entry['ci95']:.2f}{spread}")
+        if any(c != "-" for c in cells):
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def convergence_curves(records: Sequence[dict[str, Any]], shot: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """row -> (iterations, (seeds, points) validation accuracy) read from each run's metrics.jsonl."""
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for row in ("SS, no HT", "SS + HT", "FT, no HT", "FT + HT"):
+        runs = [r for r in records if r["row"] == row and r["shot"] == shot]
+        series = []
+        for r in runs:
+            lines = (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+            points = [json.loads(line) for line in lines]
+            points = [(p["step"], p["accuracy"]) for p in points if p["phase"] == "meta_train_val"]
+            series.append(points)
+        if series:
+            length = min(len(s) for s in series)
+            steps = np.array([p[0] for p in series[0][:length]])
+            curves[row] = (steps, np.array([[p[1] for p in s[:length]] for s in series]))
+    return curves
