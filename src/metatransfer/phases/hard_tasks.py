@@ -29,11 +29,11 @@ def failure_classes(per_class_accuracy: torch.Tensor, per_class_loss: torch.Tens
     Lowest accuracy wins; ties go to the higher loss (the class the learner is least sure of),
     then to the first position, so the choice is deterministic.
     """
-    n_way = per_class_accuracy.shape[1]
-    # Lexicographic key: accuracy ascending, loss descending, position ascending.
-    loss_rank = per_class_loss.argsort(dim=1, descending=True, stable=True).argsort(dim=1, stable=True)
-    key = per_class_accuracy.double() * (n_way * n_way) + loss_rank.double() * n_way + torch.arange(n_way, dtype=torch.float64)
-    return key.argmin(dim=1)
+    # Lexicographic order by two stable sorts, least significant key first: positions ordered by
+    # loss descending (ties keep position order), then by accuracy ascending (ties keep that order).
+    by_loss = per_class_loss.argsort(dim=1, descending=True, stable=True)
+    by_accuracy = per_class_accuracy.gather(1, by_loss).argsort(dim=1, stable=True)
+    return by_loss.gather(1, by_accuracy[:, :1]).squeeze(1)
 
 
 class HardTaskScheduler:
