@@ -1,0 +1,196 @@
+"""The linear base-learner: closed-form inner loop against autograd, meta-gradients, batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metatransfer.models.head import (
+    adapt_head,
+    expand_head,
+    head_logits,
+    init_head_weight,
+    per_class_accuracy,
+)
+
+T, N, K, Q, D = 3, 4, 2, 3, 6
+
+
+def _task(dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    support = torch.randn(T, N * K, D, generator=generator, dtype=dtype)
+    query = torch.randn(T, N * Q, D, generator=generator, dtype=dtype)
+    support_labels = torch.arange(N).repeat_interleave(K).expand(T, -1)
+    query_labels = torch.arange(N).repeat_interleave(Q).expand(T, -1)
+    weight = torch.randn(N, D, generator=generator, dtype=dtype) * 0.5
+    bias = torch.randn(N, generator=generator, dtype=dtype) * 0.1
+    return support, support_labels, query, query_labels, weight, bias
+
+
+def _reference_adapt(features, labels, weight, bias, steps, lr, create_graph):
+    """One task: plain SGD on mean cross-entropy of a linear layer, with autograd."""
+    for _ in range(steps):
+        loss = F.cross_entropy(F.linear(features, weight, bias), labels)
+        grad_weight, grad_bias = torch.autograd.grad(loss, (weight, bias), create_graph=create_graph)
+        weight, bias = weight - lr * grad_weight, bias - lr * grad_bias
+    return weight, bias
+
+
+def test_head_logits_is_a_batched_linear_layer():
+    support, _, _, _, weight, bias = _task()
+    logits = head_logits(support, weight.expand(T, -1, -1), bias.expand(T, -1))
+    assert logits.shape == (T, N * K, N)
+    assert torch.allclose(logits, F.linear(support, weight, bias))
+
+
+def test_one_step_equals_autograd_sgd_of_an_nn_linear():
+    support, labels, _, _, weight, bias = _task(dtype=torch.float32)
+    lr = 0.3
+    new_weight, new_bias = adapt_head(support, labels, weight.expand(T, -1, -1), bias.expand(T, -1), steps=1, lr=lr)
+    for t in range(T):
+        layer = torch.nn.Linear(D, N)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            layer.bias.copy_(bias)
+        optimizer = torch.optim.SGD(layer.parameters(), lr=lr)
+        F.cross_entropy(layer(support[t]), labels[t]).backward()
+        optimizer.step()
+        assert torch.allclose(new_weight[t], layer.weight, atol=1e-5)
+        assert torch.allclose(new_bias[t], layer.bias, atol=1e-5)
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_many_steps_equal_autograd_sgd(second_order):
+    support, labels, _, _, weight, bias = _task()
+    new_weight, new_bias = adapt_head(
+        support, labels, weight.expand(T, -1, -1), bias.expand(T, -1), steps=7, lr=0.5, second_order=second_order
+    )
+    for t in range(T):
+        w, b = _reference_adapt(support[t], labels[t], weight.clone().requires_grad_(), bias.clone().requires_grad_(), 7, 0.5, False)
+        assert torch.allclose(new_weight[t], w, atol=1e-10)
+        assert torch.allclose(new_bias[t], b, atol=1e-10)
+
+
+def test_adaptation_lowers_the_support_loss():
+    support, labels, _, _, weight, bias = _task()
+    weight, bias = weight.expand(T, -1, -1), bias.expand(T, -1)
+    before = F.cross_entropy(head_logits(support, weight, bias).flatten(0, 1), labels.flatten())
+    adapted = adapt_head(support, labels, weight, bias, steps=20, lr=0.5)
+    after = F.cross_entropy(head_logits(support, *adapted).flatten(0, 1), labels.flatten())
+    assert after < before
+
+
+def test_zero_steps_returns_the_initialisation():
+    support, labels, _, _, weight, bias = _task()
+    w, b = adapt_head(support, labels, weight.expand(T, -1, -1), bias.expand(T, -1), steps=0, lr=0.5)
+    assert torch.equal(w, weight.expand(T, -1, -1)) and torch.equal(b, bias.expand(T, -1))
+
+
+def test_second_order_meta_gradient_matches_unrolled_autograd():
+    support, labels, query, query_labels, weight, bias = _task()
+    steps, lr = 4, 0.7
+
+    support_a = support.clone().requires_grad_()
+    theta_w, theta_b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    w, b = expand_head(theta_w, theta_b, N, T)
+    w, b = adapt_head(support_a, labels, w, b, steps=steps, lr=lr, second_order=True)
+    loss = F.cross_entropy(head_logits(query, w, b).flatten(0, 1), query_labels.flatten())
+    grads = torch.autograd.grad(loss, (support_a, theta_w, theta_b))
+
+    support_r = support.clone().requires_grad_()
+    ref_w, ref_b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    losses = []
+    for t in range(T):
+        w_t, b_t = _reference_adapt(support_r[t], labels[t], ref_w, ref_b, steps, lr, create_graph=True)
+        losses.append(F.cross_entropy(F.linear(query[t], w_t, b_t), query_labels[t], reduction="sum"))
+    ref_loss = torch.stack(losses).sum() / (T * N * Q)
+    ref_grads = torch.autograd.grad(ref_loss, (support_r, ref_w, ref_b))
+
+    assert torch.allclose(loss, ref_loss)
+    for ours, reference in zip(grads, ref_grads):
+        assert reference.abs().max() > 1e-4  # the gradient is not trivially zero
+        assert torch.allclose(ours, reference, atol=1e-4)
+
+
+def test_first_order_support_gets_no_gradient_and_theta_gets_the_adapted_weight_gradient():
+    support, labels, query, query_labels, weight, bias = _task()
+    support_a = support.clone().requires_grad_()
+    theta_w, theta_b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    w, b = expand_head(theta_w, theta_b, N, T)
+    w, b = adapt_head(support_a, labels, w, b, steps=5, lr=0.5, second_order=False)
+    w.retain_grad()
+    b.retain_grad()
+    loss = F.cross_entropy(head_logits(query, w, b).flatten(0, 1), query_labels.flatten())
+    loss.backward()
+    assert support_a.grad is None  # no path from the query loss to the support features
+    assert torch.allclose(theta_w.grad, w.grad.sum(dim=0))  # d adapted / d theta = identity
+    assert torch.allclose(theta_b.grad, b.grad.sum(dim=0))
+    assert theta_w.grad.abs().max() > 0
+
+
+def test_first_and_second_order_give_different_theta_gradients():
+    support, labels, query, query_labels, weight, bias = _task()
+    gradients = []
+    for second_order in (False, True):
+        theta = weight.clone().requires_grad_()
+        w, b = adapt_head(support, labels, theta.expand(T, -1, -1), bias.expand(T, -1), steps=5, lr=0.5, second_order=second_order)
+        F.cross_entropy(head_logits(query, w, b).flatten(0, 1), query_labels.flatten()).backward()
+        gradients.append(theta.grad)
+    assert not torch.allclose(*gradients)
+
+
+def test_tasks_batched_equal_separate_calls():
+    support, labels, _, _, weight, bias = _task()
+    # each task its own initial head
+    weights = weight.expand(T, -1, -1) + torch.arange(T, dtype=weight.dtype).view(T, 1, 1) * 0.1
+    biases = bias.expand(T, -1) - torch.arange(T, dtype=bias.dtype).view(T, 1) * 0.1
+    batched_w, batched_b = adapt_head(support, labels, weights, biases, steps=6, lr=0.4)
+    for t in range(T):
+        w, b = adapt_head(support[t : t + 1], labels[t : t + 1], weights[t : t + 1], biases[t : t + 1], steps=6, lr=0.4)
+        assert torch.allclose(batched_w[t], w[0], atol=1e-12)
+        assert torch.allclose(batched_b[t], b[0], atol=1e-12)
+
+
+def test_expand_head_same_way_copies_theta():
+    weight, bias = torch.randn(5, 3), torch.randn(5)
+    w, b = expand_head(weight, bias, 5, 4)
+    assert w.shape == (4, 5, 3) and b.shape == (4, 5)
+    assert torch.equal(w[2], weight) and torch.equal(b[3], bias)
+
+
+def test_expand_head_other_way_starts_every_row_at_the_mean_row():
+    weight, bias = torch.randn(5, 3), torch.randn(5)
+    w, b = expand_head(weight, bias, 20, 2)
+    assert w.shape == (2, 20, 3) and b.shape == (2, 20)
+    assert torch.allclose(w, weight.mean(dim=0).expand(2, 20, 3))
+    assert torch.allclose(b, bias.mean().expand(2, 20))
+
+
+def test_per_class_accuracy_on_a_hand_example():
+    # one task, 3 classes, 2 queries each; predictions: class 0 both right, class 1 one right, class 2 none
+    labels = torch.tensor([[0, 0, 1, 1, 2, 2]])
+    predictions = torch.tensor([[0, 0, 1, 2, 0, 1]])
+    logits = F.one_hot(predictions, 3).float()
+    accuracy = per_class_accuracy(logits, labels, 3)
+    assert torch.allclose(accuracy, torch.tensor([[1.0, 0.5, 0.0]]))
+
+
+def test_per_class_accuracy_per_task():
+    labels = torch.tensor([[0, 1], [0, 1]])
+    logits = F.one_hot(torch.tensor([[0, 0], [1, 1]]), 2).float()
+    assert torch.equal(per_class_accuracy(logits, labels, 2), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+
+
+@pytest.mark.parametrize("kind", ["kaiming", "xavier", "zeros"])
+def test_init_head_weight_shapes_and_seeding(kind):
+    a = init_head_weight(5, 8, kind, generator=torch.Generator().manual_seed(0))
+    b = init_head_weight(5, 8, kind, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (5, 8)
+    assert torch.equal(a, b)
+    assert (a == 0).all() == (kind == "zeros")
+
+
+def test_init_head_weight_unknown_kind():
+    with pytest.raises(ValueError, match="orthogonal"):
+        init_head_weight(5, 8, "orthogonal")

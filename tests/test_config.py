@@ -1,0 +1,157 @@
+"""Config: shipped presets load, overrides are type-checked, unknown keys and bad choices fail."""
+
+from __future__ import annotations
+
+import pytest
+
+from metatransfer.config import (
+    Config,
+    config_from_dict,
+    config_to_dict,
+    list_presets,
+    load_config,
+)
+
+
+def test_list_presets_names_the_shipped_files():
+    presets = list_presets()
+    for name in ("smoke", "fc100", "fc100-cpu", "cifar-fs", "miniimagenet", "tieredimagenet", "omniglot-cpu"):
+        assert name in presets
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_shipped_preset_loads_and_differs_from_defaults(preset):
+    config = load_config(preset)
+    assert isinstance(config, Config)
+    assert config_to_dict(config) != config_to_dict(Config())
+
+
+def test_preset_values_are_applied():
+    config = load_config("smoke")
+    assert config.model.backbone == "conv4"
+    assert config.model.width == 0.25
+    assert config.meta_train.iterations == 6
+    assert config.meta_train.hard_tasks.normal_iterations == 2
+    assert config.meta_test.n_shot == [1]
+
+
+def test_overrides_come_after_the_preset():
+    config = load_config("smoke", ["meta_train.iterations=3", "model.backbone=resnet12"])
+    assert config.meta_train.iterations == 3
+    assert config.model.backbone == "resnet12"
+    assert config.model.width == 0.25  # the preset's value survives
+
+
+def test_no_preset_gives_defaults():
+    assert config_to_dict(load_config(None)) == config_to_dict(Config())
+
+
+def test_int_key_rejects_text():
+    with pytest.raises(ValueError, match="meta_train.iterations"):
+        load_config("smoke", ["meta_train.iterations=abc"])
+
+
+def test_int_key_rejects_float_and_bool():
+    with pytest.raises(ValueError, match="expects int"):
+        load_config(None, ["meta_train.iterations=2.5"])
+    with pytest.raises(ValueError, match="expects int"):
+        load_config(None, ["meta_train.iterations=true"])
+
+
+@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("0.001", 1e-3), ("2", 2.0), ("5.0e-4", 5e-4)])
+def test_float_key_accepts_numbers_in_any_notation(text, value):
+    config = load_config(None, [f"meta_train.lr_ss={text}"])
+    assert isinstance(config.meta_train.lr_ss, float)
+    assert config.meta_train.lr_ss == pytest.approx(value)
+
+
+def test_float_key_rejects_text():
+    with pytest.raises(ValueError, match="meta_train.lr_ss expects float"):
+        load_config(None, ["meta_train.lr_ss=fast"])
+
+
+def test_bool_key():
+    assert load_config(None, ["amp=false"]).amp is False
+    assert load_config(None, ["amp=true"]).amp is True
+    with pytest.raises(ValueError, match="amp expects bool"):
+        load_config(None, ["amp=3"])
+
+
+def test_list_key_from_comma_separated_values():
+    config = load_config(None, ["meta_test.n_shot=1,5"])
+    assert config.meta_test.n_shot == [1, 5]
+
+
+def test_list_key_from_one_value_and_yaml_list():
+    assert load_config(None, ["meta_test.n_shot=5"]).meta_test.n_shot == [5]
+    assert load_config(None, ["meta_test.n_way=[5, 20]"]).meta_test.n_way == [5, 20]
+
+
+def test_list_key_checks_item_type():
+    with pytest.raises(ValueError, match="meta_test.n_shot"):
+        load_config(None, ["meta_test.n_shot=1,x"])
+
+
+def test_unknown_key_fails_naming_it():
+    with pytest.raises(ValueError, match="meta_train.iteration"):
+        load_config(None, ["meta_train.iteration=3"])
+    with pytest.raises(ValueError, match="'nosuchsection'"):
+        load_config(None, ["nosuchsection.key=1"])
+
+
+def test_unknown_key_in_preset_file_fails(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("model: {backbone: conv4, depth: 3}\n")
+    with pytest.raises(ValueError, match="model.depth"):
+        load_config(str(path))
+
+
+def test_preset_file_path_loads(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("model: {backbone: conv4}\nmeta_train: {n_shot: 5, hard_tasks: {enabled: false}}\n")
+    config = load_config(str(path))
+    assert config.model.backbone == "conv4"
+    assert config.meta_train.n_shot == 5
+    assert config.meta_train.hard_tasks.enabled is False
+
+
+def test_missing_preset_file_and_unknown_preset_name():
+    with pytest.raises(FileNotFoundError):
+        load_config("/no/such/preset.yaml")
+    with pytest.raises(ValueError, match="Unknown preset 'nosuch'.*smoke"):
+        load_config("nosuch")
+
+
+@pytest.mark.parametrize(
+    "override", ["model.bn_mode=xyz", "model.adapt=maml", "data.augment=mixup", "meta_test.protocol=other"]
+)
+def test_choices_are_enforced(override):
+    key = override.split("=")[0]
+    with pytest.raises(ValueError, match=f"{key} must be one of"):
+        load_config(None, [override])
+
+
+def test_choice_accepts_a_listed_value():
+    assert load_config(None, ["model.bn_mode=batch"]).model.bn_mode == "batch"
+
+
+def test_nested_section_override():
+    config = load_config("smoke", ["meta_train.hard_tasks.enabled=false", "meta_train.hard_tasks.hard_iterations=7"])
+    assert config.meta_train.hard_tasks.enabled is False
+    assert config.meta_train.hard_tasks.hard_iterations == 7
+    assert config.meta_train.hard_tasks.normal_iterations == 2  # from the preset
+
+
+def test_a_section_cannot_be_set_to_a_value():
+    with pytest.raises(ValueError, match="is a section"):
+        load_config(None, ["meta_train=3"])
+
+
+def test_override_without_equals_sign_fails():
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config(None, ["meta_train.iterations"])
+
+
+def test_dict_round_trip():
+    config = load_config("omniglot-cpu", ["meta_train.lr_ss=1e-3"])
+    assert config_from_dict(config_to_dict(config)) == config
