@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(run)
     for name, text in (("pretrain", "phase 1: pre-train the backbone on the base classes"),
                        ("meta-train", "phase 2: meta-transfer (scaling-shifting + base-learner init, hard tasks)"),
-                       ("meta-test", "phase 3: few-shot accuracy with 95% CI on unseen classes")):
+                       ("meta-test", "phase 3: few-shot accuracy with 95%% CI on unseen classes")):
         _add_run_arguments(commands.add_parser(name, help=text))
 
     commands.add_parser("presets", help="list the shipped presets")
