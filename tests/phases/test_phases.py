@@ -1,0 +1,212 @@
+"""End to end: `mtl run` and the three phases on small real FC100 data, their variants, and the
+paper-scale presets with tiny step counts.
+
+The runs use `fc100_small` (real FC100 images, a few per class) rather than the full cache so that
+all of them fit in about a minute on a shared 2-core CPU; the code paths are the same.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from metatransfer.cli import main
+from metatransfer.config import load_config
+from metatransfer.data.cache import load_split
+from metatransfer.phases import meta_test, meta_train
+from metatransfer.run import prepare_run_dir
+
+pytestmark = pytest.mark.slow
+
+RESULT_KEYS = {"dataset", "way", "shot", "query", "episodes", "accuracy", "ci95"}
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def _run_args(data: tuple[Path, str], out: Path, *overrides: str) -> list[str]:
+    root, name = data
+    return ["--preset", "smoke", "--data-root", str(root), "--out", str(out), f"data.name={name}", *overrides]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _files(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file() and "tensorboard" not in p.parts}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(fc100_small, tmp_path_factory) -> Path:
+    """`mtl run --preset smoke` on small FC100: every phase, every checkpoint."""
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    assert main(["run", *_run_args(fc100_small, run_dir)]) == 0
+    return run_dir
+
+
+def _variant(base: Path, target: Path, data, overrides: list[str], copy: tuple[str, ...] = ("pretrain",)):
+    """A new run dir with another config that reuses the base run's checkpoints of `copy`."""
+    root, name = data
+    config = load_config("smoke", [f"data.root={root}", f"data.name={name}", *overrides])
+    prepare_run_dir(target, config)
+    for folder in copy:
+        shutil.copytree(base / folder, target / folder)
+    return config
+
+
+# mtl run ------------------------------------------------------------------------------------------
+
+def test_run_dir_holds_config_metrics_checkpoints_and_results(smoke_run, fc100_small):
+    for name in ("config.yaml", "metrics.jsonl", "results.json"):
+        assert (smoke_run / name).is_file(), name
+    for phase in ("pretrain", "meta_train"):
+        for stem in ("best", "last"):
+            assert (smoke_run / phase / f"{stem}.json").is_file()
+            assert (smoke_run / phase / f"{stem}.safetensors").is_file()
+    config = yaml.safe_load((smoke_run / "config.yaml").read_text())
+    assert config["data"]["root"] == str(fc100_small[0]) and config["model"]["backbone"] == "conv4"
+    results = json.loads((smoke_run / "results.json").read_text())
+    assert len(results) == 1
+    result = results[0]
+    assert RESULT_KEYS <= set(result)
+    assert (result["dataset"], result["way"], result["shot"], result["query"], result["episodes"]) == ("fc100-small", 5, 1, 15, 20)
+    assert 0 <= result["accuracy"] <= 100 and result["ci95"] > 0
+
+
+def test_per_episode_file_agrees_with_the_result(smoke_run):
+    result = json.loads((smoke_run / "results.json").read_text())[0]
+    episodes = json.loads((smoke_run / "meta_test" / "episodes-5way-1shot-standard.json").read_text())["per_episode_accuracy"]
+    assert len(episodes) == 20 and all(0 <= a <= 1 for a in episodes)
+    assert sum(episodes) / len(episodes) * 100 == pytest.approx(result["accuracy"], abs=0.01)
+
+
+def test_checkpoints_are_safetensors_and_json_without_temp_files(smoke_run):
+    names = [p.name for p in smoke_run.rglob("*") if p.is_file()]
+    assert not [n for n in names if ".tmp" in n], names
+    assert not [n for n in names if n.endswith((".pt", ".pth", ".pkl", ".ckpt"))]
+    meta = json.loads((smoke_run / "meta_train" / "best.json").read_text())
+    assert meta["backbone"] == "conv4" and meta["adapt"] == "ss" and meta["dataset"] == "fc100-small"
+    tensors = load_file(str(smoke_run / "meta_train" / "best.safetensors"))
+    assert tensors["head.weight"].shape == (5, meta["out_features"])
+    assert any("scale" in key for key in tensors)  # the scale-shift parameters are saved
+
+
+def test_metrics_log_hard_task_accuracy_and_hard_classes_have_names(smoke_run, fc100_small):
+    records = _records(smoke_run)
+    assert {r["phase"] for r in records} >= {"pretrain", "meta_train", "meta_train_val"}
+    meta_records = [r for r in records if r["phase"] == "meta_train"]
+    assert meta_records and "normal_task_accuracy" in meta_records[-1] and "hard_task_accuracy" in meta_records[-1]
+    assert 0 <= meta_records[-1]["hard_task_accuracy"] <= 100
+    hard_classes = json.loads((smoke_run / "meta_train" / "hard_classes.json").read_text())
+    train_names = set(load_split(*fc100_small, "train").class_names)
+    assert hard_classes and set(hard_classes) <= train_names
+    # every normal task contributes one failure class
+    assert sum(hard_classes.values()) == meta_records[-1]["normal_tasks"]
+
+
+def test_meta_test_alone_on_the_run_dir_is_deterministic(smoke_run, fc100_small, capsys):
+    """Frozen BN: the same seed gives the same episodes and exactly the same accuracies."""
+    before = json.loads((smoke_run / "results.json").read_text())
+    episodes_path = smoke_run / "meta_test" / "episodes-5way-1shot-standard.json"
+    episodes_before = episodes_path.read_text()
+    assert main(["meta-test", *_run_args(fc100_small, smoke_run)]) == 0
+    assert "meta-test of meta_train/best" in capsys.readouterr().out
+    assert json.loads((smoke_run / "results.json").read_text()) == before
+    assert episodes_path.read_text() == episodes_before
+
+
+def test_meta_test_with_resume_reads_the_saved_config(smoke_run):
+    before = json.loads((smoke_run / "results.json").read_text())
+    assert main(["meta-test", "--out", str(smoke_run), "--resume"]) == 0
+    assert json.loads((smoke_run / "results.json").read_text()) == before
+
+
+def test_run_again_on_a_complete_run_resumes_and_trains_nothing(smoke_run, fc100_small, capsys):
+    checkpoints = {k: v for k, v in _files(smoke_run).items() if k.startswith(("pretrain", "meta_train"))}
+    assert main(["run", *_run_args(fc100_small, smoke_run)]) == 0
+    out = capsys.readouterr().out
+    assert "pre-train already complete" in out and "meta-train already complete" in out
+    assert {k: v for k, v in _files(smoke_run).items() if k.startswith(("pretrain", "meta_train"))} == checkpoints
+
+
+def test_run_with_other_overrides_on_the_same_out_fails(smoke_run, fc100_small, capsys):
+    config_before = (smoke_run / "config.yaml").read_text()
+    assert main(["run", *_run_args(fc100_small, smoke_run, "meta_train.iterations=9")]) == 2
+    error = capsys.readouterr().err
+    assert "another configuration" in error and "meta_train.iterations" in error
+    assert (smoke_run / "config.yaml").read_text() == config_before
+
+
+# variants from the smoke run's checkpoints ----------------------------------------------------------
+
+def test_meta_test_paper_protocol(smoke_run, fc100_small, tmp_path):
+    config = _variant(smoke_run, tmp_path, fc100_small, ["meta_test.protocol=paper"], copy=("pretrain", "meta_train"))
+    (result,) = meta_test.run(config, tmp_path, log=_quiet)
+    assert (result["protocol"], result["shot"], result["query"]) == ("paper", 1, 1)
+    assert 0 <= result["accuracy"] <= 100
+    episodes = json.loads((tmp_path / "meta_test" / "episodes-5way-1shot-paper.json").read_text())["per_episode_accuracy"]
+    assert len(episodes) == 20
+    assert all(round(a * 5) == pytest.approx(a * 5) for a in episodes)  # 5 queries: multiples of 1/5
+
+
+def test_batch_statistics_meta_train_and_meta_test(smoke_run, fc100_small, tmp_path):
+    config = _variant(smoke_run, tmp_path, fc100_small, ["model.bn_mode=batch"])
+    meta_train.run(config, tmp_path, log=_quiet)
+    (result,) = meta_test.run(config, tmp_path, log=_quiet)
+    assert result["bn_mode"] == "batch" and result["episodes"] == 20
+    assert 0 <= result["accuracy"] <= 100
+
+
+def test_fine_tuning_ablation_meta_trains_the_convs(smoke_run, fc100_small, tmp_path):
+    config = _variant(smoke_run, tmp_path, fc100_small, ["model.adapt=ft"])
+    meta_train.run(config, tmp_path, log=_quiet)
+    pretrained = load_file(str(tmp_path / "pretrain" / "best.safetensors"))
+    last = load_file(str(tmp_path / "meta_train" / "last.safetensors"))
+    assert json.loads((tmp_path / "meta_train" / "last.json").read_text())["adapt"] == "ft"
+    assert not any("scale" in key or "shift" in key for key in last)
+    conv_weights = [k for k in pretrained if k.endswith("weight") and pretrained[k].dim() == 4]
+    assert conv_weights
+    assert any(not pretrained[k].equal(last[k]) for k in conv_weights)  # the convs were meta-trained
+    (result,) = meta_test.run(config, tmp_path, log=_quiet)
+    assert 0 <= result["accuracy"] <= 100
+
+
+def test_meta_test_without_meta_training_uses_the_pretrained_backbone(smoke_run, fc100_small, tmp_path):
+    config = _variant(smoke_run, tmp_path, fc100_small, [])
+    (result,) = meta_test.run(config, tmp_path, log=_quiet)
+    assert result["model"].startswith("pretrain/best")
+
+
+# paper-scale presets with tiny step counts -------------------------------------------------------
+
+TINY = [
+    "pretrain.epochs=1", "pretrain.batch_size=32", "pretrain.val_episodes=5",
+    "meta_train.iterations=2", "meta_train.val_every=2", "meta_train.val_episodes=5", "meta_train.n_query=5",
+    "meta_test.episodes=5", "base_learner.steps=2", "model.width=0.125", "checkpoint_every=1",
+]
+
+
+@pytest.mark.parametrize(
+    "preset, data_fixture",
+    [("fc100", "fc100_small"), ("cifar-fs", "fc100_small"), ("miniimagenet", "tiny84"), ("tieredimagenet", "tiny84")],
+)
+def test_paper_preset_runs_end_to_end(preset, data_fixture, request, tmp_path):
+    root, name = request.getfixturevalue(data_fixture)
+    extra = ["pretrain.batch_size=16"] if data_fixture == "tiny84" else []
+    out = tmp_path / "run"
+    assert main(["run", "--preset", preset, "--data-root", str(root), "--out", str(out), f"data.name={name}", *TINY, *extra]) == 0
+    expected = load_config(preset)
+    meta = json.loads((out / "meta_train" / "best.json").read_text())
+    assert meta["backbone"] == expected.model.backbone == "resnet12"
+    results = json.loads((out / "results.json").read_text())
+    assert sorted((r["way"], r["shot"]) for r in results) == sorted(
+        (way, shot) for way in expected.meta_test.n_way for shot in expected.meta_test.n_shot
+    )
+    assert all(r["episodes"] == 5 and 0 <= r["accuracy"] <= 100 for r in results)

@@ -1,0 +1,137 @@
+"""The `mtl` command: help, listings, config printing and error exits.
+
+Runs of the phases through the CLI (`mtl run`, `mtl meta-test`, resuming, refusing another config)
+are in tests/phases/test_phases.py, next to the small datasets they need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from metatransfer.cli import build_parser, main
+from metatransfer.config import list_presets
+from metatransfer.models.backbones import list_backbones
+
+
+def _subcommands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every (nested) subcommand path of the parser, e.g. ('data', 'prepare')."""
+    paths = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                paths.append(prefix + (name,))
+                paths.extend(_subcommands(sub, prefix + (name,)))
+    return paths
+
+
+SUBCOMMANDS = _subcommands(build_parser())
+
+
+def test_the_expected_subcommands_exist():
+    for path in [("run",), ("pretrain",), ("meta-train",), ("meta-test",), ("presets",), ("backbones",),
+                 ("config",), ("data",), ("data", "prepare"), ("data", "info")]:
+        assert path in SUBCOMMANDS
+
+
+@pytest.mark.parametrize("path", [()] + SUBCOMMANDS, ids=lambda p: " ".join(p) or "mtl")
+def test_help_of_every_subcommand_exits_zero(path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*path, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: mtl" in capsys.readouterr().out
+
+
+def test_presets_lists_the_shipped_presets(capsys):
+    assert main(["presets"]) == 0
+    assert capsys.readouterr().out.split() == list_presets()
+
+
+def test_backbones_lists_the_registry(capsys):
+    assert main(["backbones"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert listed == list(list_backbones())
+    assert {"conv4", "resnet12"} <= set(listed)
+
+
+def test_config_prints_the_resolved_config_with_overrides(capsys):
+    assert main(["config", "--preset", "smoke", "meta_train.iterations=3", "meta_train.lr_ss=1e-3"]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["meta_train"]["iterations"] == 3
+    assert config["meta_train"]["lr_ss"] == pytest.approx(1e-3)
+    assert config["model"]["backbone"] == "conv4"  # from the preset
+
+
+def test_config_data_root_option(capsys, tmp_path):
+    assert main(["config", "--preset", "smoke", "--data-root", str(tmp_path)]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["root"] == str(tmp_path)
+
+
+def test_bad_preset_name_exits_2_with_a_message(capsys, tmp_path):
+    assert main(["config", "--preset", "no-such-preset"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("mtl: error:") and "no-such-preset" in error and "smoke" in error
+    assert main(["run", "--preset", "no-such-preset", "--out", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()  # nothing written before the config is valid
+
+
+def test_bad_override_exits_2_naming_the_key(capsys):
+    assert main(["config", "--preset", "smoke", "meta_train.iteration=3"]) == 2
+    assert "meta_train.iteration" in capsys.readouterr().err
+    assert main(["config", "model.bn_mode=xyz"]) == 2
+    assert "model.bn_mode" in capsys.readouterr().err
+
+
+def test_missing_dataset_exits_2_saying_how_to_prepare(capsys, tmp_path):
+    args = ["pretrain", "--preset", "smoke", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
+    assert main(args) == 2
+    assert "mtl data prepare" in capsys.readouterr().err
+
+
+def test_meta_test_without_checkpoints_exits_2(capsys, tmp_path, fake_dataset):
+    root, name = fake_dataset
+    args = ["meta-test", "--preset", "smoke", "--data-root", str(root), "--out", str(tmp_path / "run"), f"data.name={name}"]
+    assert main(args) == 2
+    assert "mtl pretrain" in capsys.readouterr().err
+
+
+def test_resume_with_overrides_is_refused(capsys, tmp_path):
+    assert main(["meta-test", "--out", str(tmp_path), "--resume", "meta_train.iterations=3"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_resume_of_a_folder_without_config_exits_2(capsys, tmp_path):
+    assert main(["meta-test", "--out", str(tmp_path), "--resume"]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_missing_required_argument_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--preset", "smoke"])  # no --out
+    assert exit_info.value.code == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_python_dash_m_metatransfer_help():
+    result = subprocess.run([sys.executable, "-m", "metatransfer", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage: mtl" in result.stdout and "meta-train" in result.stdout
+
+
+@pytest.fixture
+def fake_dataset(tmp_path):
+    """A minimal valid cache: 5 classes x 20 images of 8x8 per split."""
+    import numpy as np
+
+    from metatransfer.data.cache import SPLITS, write_cache
+
+    labels = np.repeat(np.arange(5), 20)
+    images = np.zeros((100, 8, 8, 3), dtype=np.uint8)
+    names = [f"c{i}" for i in range(5)]
+    write_cache(tmp_path / "data", "fake", {s: (images, labels, names) for s in SPLITS},
+                source_path=tmp_path, source_sha256=None, protocol="test", options={})
+    return tmp_path / "data", "fake"
