@@ -184,6 +184,36 @@ def test_meta_test_without_meta_training_uses_the_pretrained_backbone(smoke_run,
     assert result["model"].startswith("pretrain/best")
 
 
+def test_interrupted_meta_train_resumes_to_the_same_model(smoke_run, fc100_small, tmp_path, monkeypatch):
+    """Stopped after the checkpoint at iteration 3 of 6, a rerun continues to identical weights."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    config = _variant(smoke_run, straight, fc100_small, [])
+    _variant(smoke_run, resumed, fc100_small, [])
+    meta_train.run(config, straight, log=_quiet)
+
+    calls = {"n": 0}
+    gather = meta_train.gather_episode
+
+    def interrupt_at_iteration_4(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return gather(*args, **kwargs)
+
+    monkeypatch.setattr(meta_train, "gather_episode", interrupt_at_iteration_4)
+    with pytest.raises(KeyboardInterrupt):
+        meta_train.run(config, resumed, log=_quiet)
+    assert json.loads((resumed / "meta_train" / "last.json").read_text())["iteration"] == 3
+    monkeypatch.setattr(meta_train, "gather_episode", gather)
+    messages = []
+    meta_train.run(config, resumed, log=messages.append)
+    assert any("resuming meta-train at iteration 3" in m for m in messages)
+    a = load_file(str(straight / "meta_train" / "last.safetensors"))
+    b = load_file(str(resumed / "meta_train" / "last.safetensors"))
+    assert set(a) == set(b) and all(a[k].equal(b[k]) for k in a)
+    assert (straight / "meta_train" / "hard_classes.json").read_text() == (resumed / "meta_train" / "hard_classes.json").read_text()
+
+
 # paper-scale presets with tiny step counts -------------------------------------------------------
 
 TINY = [
