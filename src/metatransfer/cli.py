@@ -3,6 +3,8 @@
     mtl data prepare fc100 --source cifar100_png.zip --root data
     mtl run --preset fc100-cpu --data-root data --out runs/fc100
     mtl pretrain | meta-train | meta-test --preset P --out RUN [section.key=value ...]
+    mtl predict --model RUN_OR_EXPORT --support SUPPORT_DIR --query QUERY_DIR [--out preds.csv]
+    mtl export --model RUN --format safetensors|onnx|torchscript --out DIR
 """
 
 from __future__ import annotations
@@ -55,6 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("backbones", help="list the registered backbones")
     show = commands.add_parser("config", help="print the resolved config of a preset and overrides")
     _add_run_arguments(show, needs_out=False)
+
+    predict = commands.add_parser("predict", help="classify your own images from a folder of labelled examples")
+    predict.add_argument("--model", type=Path, required=True, help="a run directory or an `mtl export` folder")
+    predict.add_argument("--support", type=Path, required=True, help="SUPPORT/<class name>/<images>, at least 2 classes")
+    predict.add_argument("--query", type=Path, nargs="+", required=True, help="query image files or folders (QUERY/<class>/ folders give an accuracy)")
+    predict.add_argument("--out", type=Path, help="write the predictions to a .csv or .json file")
+    predict.add_argument("--top-k", type=int, default=3, help="classes listed per query (default 3)")
+    predict.add_argument("--data-root", type=Path, help="run directories: where the prepared dataset lives now, if it moved")
+    predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    export = commands.add_parser("export", help="write a run's model as a self-contained bundle (SS folded)")
+    export.add_argument("--model", type=Path, required=True, help="the run directory")
+    export.add_argument("--format", default="safetensors", choices=["safetensors", "onnx", "torchscript"], help="backbone file format")
+    export.add_argument("--out", type=Path, required=True, help="the bundle folder to write")
+    export.add_argument("--data-root", type=Path, help="where the run's prepared dataset lives now, if it moved")
     return parser
 
 
@@ -118,6 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from metatransfer.config import config_to_dict
 
             print(yaml.safe_dump(config_to_dict(_config_for(args)), sort_keys=False), end="")
+        elif args.command == "predict":
+            from metatransfer.predict import predict_folders
+
+            predict_folders(args.model, args.support, args.query, out=args.out, top_k=args.top_k, data_root=args.data_root, device=args.device)
+        elif args.command == "export":
+            from metatransfer.export import export_run
+
+            export_run(args.model, args.out, args.format, data_root=args.data_root)
     except (ValueError, FileNotFoundError, FloatingPointError) as error:
         print(f"mtl: error: {error}", file=sys.stderr)
         return 2

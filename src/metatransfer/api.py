@@ -1,0 +1,322 @@
+"""Few-shot classification of a user's own images with a trained MTL model: fit, then predict.
+
+Two steps, as easyfsl's `FewShotClassifier`: `fit(support_images, labels)` fine-tunes the
+base-learner (one FC layer, from the meta-learned initialisation theta) on the support features
+with the closed-form batched inner loop of `models.head.adapt_head`; `predict` / `predict_proba`
+score query images with the adapted FC. The backbone (scaling-shifting folded into its convs) is
+frozen throughout: Sun et al., CVPR 2019, section 4 (meta-test phase).
+
+A model comes from a run directory (`from_run`: its best meta-train checkpoint, else its pre-trained
+backbone with a zero head) or from a bundle written by `mtl export` (`from_export`); `load` tells
+them apart. Images are PIL images, file paths or uint8 arrays of any size and mode; they are turned
+into what the model saw in training by `Preprocessing` (square LANCZOS resize to the stored size,
+as `mtl data prepare` does; alpha composited on white; inverted for Omniglot-style models, whose
+cache holds ink 255 on a 0 background). Features are computed in float32 (no autocast), so a run
+directory and its exports give the same predictions.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image, ImageOps
+
+from metatransfer.data._decode import RESAMPLE
+from metatransfer.data.augment import to_float
+from metatransfer.models.head import adapt_head, expand_head, head_logits
+from metatransfer.phases.features import batch_statistics
+
+__all__ = ["ImageLike", "Preprocessing", "load_image", "load_images", "FewShotClassifier"]
+
+ImageLike = Union[str, Path, Image.Image, np.ndarray]
+_BATCH = 256  # images per backbone forward
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes a model input, recorded with the model (export bundle: bundle.json).
+
+    Attributes:
+        image_size: side of the square images the model was trained on.
+        channels: 1 (grayscale) or 3 (RGB).
+        mean, std: per-channel normalisation on the 0..1 scale (the training split's statistics).
+        invert: store 255 - pixel, as the Omniglot cache does (ink bright on a dark background).
+    """
+
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    invert: bool = False
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"mean and std need {self.channels} value(s) each, got {self.mean} and {self.std}")
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> "Preprocessing":
+        """From a prepared dataset's manifest.json: Omniglot caches are stored inverted."""
+        height, width = manifest["image_size"]
+        if height != width:
+            raise ValueError(f"Dataset {manifest.get('dataset')!r} has non-square {height}x{width} images")
+        benchmark = manifest.get("options", {}).get("benchmark", manifest.get("dataset"))
+        return cls(
+            image_size=int(height), channels=int(manifest["channels"]), mean=tuple(manifest["mean"]),
+            std=tuple(manifest["std"]), invert=benchmark == "omniglot",
+        )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Preprocessing":
+        return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"])})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std), "resize": "square, lanczos",
+                "alpha": "composited on white"}
+
+
+def _describe(item: Any) -> str:
+    return repr(str(item)) if isinstance(item, (str, Path)) else f"a {type(item).__name__}"
+
+
+def _open(item: ImageLike, size: int, mode: str) -> Image.Image:
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, np.ndarray):
+        if item.dtype != np.uint8 or not (item.ndim == 2 or (item.ndim == 3 and item.shape[-1] in (1, 3, 4))):
+            raise ValueError(
+                f"An image array must be uint8 (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got {item.dtype} {item.shape}"
+            )
+        return Image.fromarray(item[..., 0] if item.ndim == 3 and item.shape[-1] == 1 else item)
+    if isinstance(item, (str, Path)):
+        path = Path(item)
+        if not path.is_file():
+            raise FileNotFoundError(f"Image file {path} does not exist")
+        image = Image.open(io.BytesIO(path.read_bytes()))
+        if image.format == "JPEG":
+            image.draft(mode, (size, size))  # decode at reduced scale, as the data preparation does
+        return ImageOps.exif_transpose(image)  # phone photos: apply the stored orientation
+    raise ValueError(f"Cannot use {type(item).__name__} as an image; pass a PIL image, a file path or a uint8 array")
+
+
+def _flatten_alpha(image: Image.Image) -> Image.Image:
+    """Composite a transparent image on white (a transparent PNG would otherwise turn black)."""
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image
+
+
+def load_image(item: ImageLike, preprocessing: Preprocessing) -> np.ndarray:
+    """One image -> uint8 (image_size, image_size, channels), as the training cache stores images.
+
+    Raises:
+        ValueError: the item is not a readable image (the message names the file).
+        FileNotFoundError: a path that does not exist.
+    """
+    size, mode = preprocessing.image_size, ("L" if preprocessing.channels == 1 else "RGB")
+    try:
+        image = _flatten_alpha(_open(item, size, mode)).convert(mode)
+        if image.size != (size, size):
+            image = image.resize((size, size), RESAMPLE)
+        array = np.asarray(image, dtype=np.uint8)
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as error:  # PIL raises many types for a file that is not an image
+        raise ValueError(f"Cannot read {_describe(item)} as an image: {error}") from None
+    if array.ndim == 2:
+        array = array[..., None]
+    return 255 - array if preprocessing.invert else array
+
+
+def load_images(items: Sequence[ImageLike], preprocessing: Preprocessing) -> np.ndarray:
+    """Images -> uint8 (N, image_size, image_size, channels)."""
+    if isinstance(items, (str, Path, Image.Image)) or (isinstance(items, np.ndarray) and items.ndim <= 3):
+        raise ValueError("Pass a list of images (or an (N, H, W[, C]) uint8 array), not a single image")
+    arrays = [load_image(item, preprocessing) for item in items]
+    if not arrays:
+        raise ValueError("No images given")
+    return np.stack(arrays)
+
+
+def _sorted_classes(labels: Sequence[Hashable]) -> list[Hashable]:
+    unique = list(dict.fromkeys(labels))
+    try:
+        return sorted(unique)
+    except TypeError:  # labels of mixed types: keep the order of first appearance
+        return unique
+
+
+class FewShotClassifier:
+    """An MTL model as a few-shot classifier of arbitrary classes: `fit` on support, `predict` queries.
+
+    Sun et al., "Meta-Transfer Learning for Few-Shot Learning", CVPR 2019: the base-learner is
+    fine-tuned from theta on the support features for `steps` steps of size `lr`; for a number of
+    classes other than theta's rows, every row starts at theta's mean row (`expand_head`).
+
+    Args:
+        backbone: maps normalised (B, C, H, W) float32 images to (B, D) features; an `nn.Module`
+            (eval mode) or a callable such as an ONNX Runtime session wrapper.
+        head_weight: theta, (N0, D).
+        head_bias: (N0,).
+        preprocessing: how inputs are prepared (`Preprocessing`).
+        steps, lr: the inner loop's settings (the run's `base_learner.steps` and `.lr`).
+        device: where features and fine-tuning run ("auto", "cpu", "cuda", ...).
+        bn_mode: "frozen" (running statistics) or "batch" (the support set and the query set each
+            normalised by their own statistics, the transductive mode of the TF code).
+        info: plain values describing the model (source, dataset, ...), for summaries.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor],
+        head_weight: torch.Tensor,
+        head_bias: torch.Tensor,
+        *,
+        preprocessing: Preprocessing,
+        steps: int,
+        lr: float,
+        device: str | torch.device = "cpu",
+        bn_mode: str = "frozen",
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        from metatransfer.run import resolve_device
+
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        if isinstance(backbone, nn.Module):
+            backbone = backbone.to(self.device).eval()
+        self.backbone = backbone
+        self.head_weight = head_weight.detach().float().to(self.device)
+        self.head_bias = head_bias.detach().float().to(self.device)
+        self.preprocessing = preprocessing
+        self.steps, self.lr, self.bn_mode = int(steps), float(lr), bn_mode
+        self.info = dict(info or {})
+        self.classes_: list[Hashable] = []
+        self._weight: torch.Tensor | None = None
+        self._bias: torch.Tensor | None = None
+
+    # --- constructors --------------------------------------------------------------------------
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, *, data_root: str | Path | None = None, device: str = "auto") -> "FewShotClassifier":
+        """The model of a run directory (meta_train/best, else pretrain/best with a zero head).
+
+        Args:
+            run_dir: a directory written by `mtl run` (holds config.yaml and checkpoints).
+            data_root: where the prepared dataset lives, if not at the run's `data.root` any more;
+                its manifest gives the image size, channels and mean/std.
+            device: "auto", "cpu", "cuda", ...
+        """
+        from metatransfer.export import load_run_parts
+
+        return cls(**load_run_parts(Path(run_dir), data_root=data_root), device=device)
+
+    @classmethod
+    def from_export(cls, export_dir: str | Path, *, device: str = "auto") -> "FewShotClassifier":
+        """The model of a bundle written by `mtl export` (safetensors, ONNX or TorchScript)."""
+        from metatransfer.export import load_bundle_parts
+
+        return cls(**load_bundle_parts(Path(export_dir)), device=device)
+
+    @classmethod
+    def load(cls, path: str | Path, *, data_root: str | Path | None = None, device: str = "auto") -> "FewShotClassifier":
+        """A run directory or an export bundle, whichever `path` is."""
+        from metatransfer.export import BUNDLE_FILE
+
+        path = Path(path)
+        if not path.is_dir():
+            problem = "is a file, not a directory" if path.exists() else "does not exist"
+            raise FileNotFoundError(f"Model directory {path} {problem}; pass a run directory or an `mtl export` folder")
+        if (path / BUNDLE_FILE).is_file():
+            return cls.from_export(path, device=device)
+        if (path / "config.yaml").is_file():
+            return cls.from_run(path, data_root=data_root, device=device)
+        raise FileNotFoundError(
+            f"{path} is neither a run directory (no config.yaml) nor an exported model (no {BUNDLE_FILE})"
+        )
+
+    # --- features ------------------------------------------------------------------------------
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes_)
+
+    @torch.no_grad()
+    def features(self, images: Sequence[ImageLike] | np.ndarray) -> torch.Tensor:
+        """Images -> (N, D) float32 features on `device`."""
+        if isinstance(images, np.ndarray) and images.ndim == 4 and images.dtype == np.uint8 and images.shape[1:] == (
+            self.preprocessing.image_size, self.preprocessing.image_size, self.preprocessing.channels,
+        ) and not self.preprocessing.invert:
+            arrays = images  # already in the model's format
+        else:
+            arrays = load_images(list(images) if isinstance(images, np.ndarray) else images, self.preprocessing)
+        prep = self.preprocessing
+        batch_mode = self.bn_mode == "batch" and isinstance(self.backbone, nn.Module)
+        if batch_mode:  # one set, one set of statistics: forward it whole
+            with batch_statistics(self.backbone):
+                x = to_float(torch.from_numpy(np.ascontiguousarray(arrays)), prep.mean, prep.std, device=self.device)
+                return self.backbone(x).float()
+        chunks = []
+        for start in range(0, len(arrays), _BATCH):
+            batch = torch.from_numpy(np.ascontiguousarray(arrays[start : start + _BATCH]))
+            chunks.append(self.backbone(to_float(batch, prep.mean, prep.std, device=self.device)).float().to(self.device))
+        return torch.cat(chunks)
+
+    # --- the two steps -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fit(self, support_images: Sequence[ImageLike] | np.ndarray, labels: Sequence[Hashable]) -> "FewShotClassifier":
+        """Fine-tune the base-learner on a support set; the classes are the sorted unique labels.
+
+        Args:
+            support_images: N images (paths, PIL images or uint8 arrays).
+            labels: N hashable labels (strings, ints, ...), at least two distinct ones.
+
+        Returns:
+            self, with `classes_` set.
+
+        Raises:
+            ValueError: fewer than two classes, or as many labels as images.
+        """
+        labels = list(labels)
+        if len(labels) != len(support_images):
+            raise ValueError(f"fit got {len(support_images)} support images but {len(labels)} labels")
+        classes = _sorted_classes(labels)
+        if len(classes) < 2:
+            raise ValueError(f"fit needs at least 2 classes, got {len(classes)} ({classes}); add another class")
+        index = {label: position for position, label in enumerate(classes)}
+        support = self.features(support_images)  # (M, D)
+        targets = torch.tensor([index[label] for label in labels], device=self.device)
+        weight, bias = expand_head(self.head_weight, self.head_bias, len(classes), 1)
+        # The closed-form inner loop needs no autograd: it runs the same under torch.no_grad().
+        weight, bias = adapt_head(support.unsqueeze(0), targets.unsqueeze(0), weight, bias, steps=self.steps, lr=self.lr)
+        self.classes_, self._weight, self._bias = classes, weight.detach(), bias.detach()
+        return self
+
+    def _check_fitted(self) -> None:
+        if self._weight is None:
+            raise RuntimeError("This FewShotClassifier is not fitted; call fit(support_images, labels) first")
+
+    @torch.no_grad()
+    def predict_proba(self, images: Sequence[ImageLike] | np.ndarray) -> np.ndarray:
+        """Class probabilities, (n_images, n_classes) float32; columns follow `classes_`."""
+        self._check_fitted()
+        query = self.features(images).unsqueeze(0)  # (1, n, D)
+        logits = head_logits(query, self._weight, self._bias)[0]
+        return torch.softmax(logits, dim=-1).cpu().numpy()
+
+    def predict(self, images: Sequence[ImageLike] | np.ndarray) -> list[Hashable]:
+        """The most probable class of each image (labels as given to `fit`)."""
+        return [self.classes_[i] for i in self.predict_proba(images).argmax(axis=1)]
+
+    def __repr__(self) -> str:
+        source = self.info.get("source", "?")
+        return f"FewShotClassifier(source={source!r}, classes={self.classes_!r}, steps={self.steps}, lr={self.lr})"

@@ -1,0 +1,331 @@
+"""Export a trained run as a self-contained bundle: plain backbone, theta, settings, model card.
+
+Scaling-shifting is folded into the conv weights (`fold_scale_shift`: W * Phi_S1, b + Phi_S2), so
+the exported backbone is an ordinary network (Sun et al., CVPR 2019, section 4.2). A bundle is a
+folder holding
+
+    bundle.json          format, backbone name/width/in_chans, preprocessing (image size, channels,
+                         mean, std, invert), base-learner settings (steps, lr), file checksums
+    backbone.safetensors | backbone.onnx | backbone.pt    the backbone in the chosen format
+    head.safetensors     the meta-learned FC initialisation theta: head.weight (N0, D), head.bias (N0,)
+    MODEL_CARD.md        backbone, data, training settings, results with 95% CI
+
+Every backbone file maps normalised float32 images (batch, channels, size, size), i.e.
+(pixel / 255 - mean) / std, to (batch, out_features) features. `load_bundle_parts` reads a bundle
+back for `FewShotClassifier.from_export`; `load_run_parts` reads a run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from metatransfer.api import Preprocessing
+from metatransfer.data._sources import sha256_file
+from metatransfer.data.cache import read_manifest
+from metatransfer.models.backbones import create_backbone
+from metatransfer.phases.meta_test import load_meta_model
+from metatransfer.run import read_run_config, write_json
+
+__all__ = ["BUNDLE_FILE", "BUNDLE_FORMAT", "FORMATS", "OnnxBackbone", "load_run_parts", "load_bundle_parts", "export_run"]
+
+BUNDLE_FILE = "bundle.json"
+BUNDLE_FORMAT = 1
+FORMATS = {"safetensors": "backbone.safetensors", "onnx": "backbone.onnx", "torchscript": "backbone.pt"}
+HEAD_FILE = "head.safetensors"
+ONNX_OPSET = 17
+
+
+# --- reading a run directory --------------------------------------------------------------------
+
+
+def _run_preprocessing(run_dir: Path, dataset: str, root: Path) -> tuple[Preprocessing, dict[str, Any]]:
+    try:
+        manifest = read_manifest(root, dataset)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{run_dir}: the model's preprocessing (image size, channels, mean/std) is read from its prepared "
+            f"dataset {dataset!r}, expected at {root / dataset} (data.root in config.yaml), which is missing. "
+            f"Pass the folder that holds it with --data-root (Python: data_root=), or predict from a bundle "
+            f"made by `mtl export` while the data is present: bundles are self-contained"
+        ) from None
+    return Preprocessing.from_manifest(manifest), manifest
+
+
+def load_run_parts(run_dir: Path, *, data_root: str | Path | None = None) -> dict[str, Any]:
+    """The keyword arguments of `FewShotClassifier` for a run directory (backbone on the CPU).
+
+    Raises:
+        FileNotFoundError: no run directory, no checkpoint, or the prepared dataset is missing.
+        ValueError: a checkpoint that does not fit the run's config.
+    """
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"Run directory {run_dir} does not exist")
+    config = read_run_config(run_dir)
+    root = Path(data_root) if data_root is not None else Path(config.data.root)
+    preprocessing, manifest = _run_preprocessing(run_dir, config.data.name, root)
+    backbone, weight, bias, source = load_meta_model(run_dir, config, preprocessing.channels, torch.device("cpu"))
+    backbone = backbone.to(memory_format=torch.contiguous_format).float().eval()
+    info = {
+        "source": f"{run_dir} ({source})",
+        "checkpoint": source,
+        "run_dir": str(run_dir.resolve()),
+        "dataset": config.data.name,
+        "dataset_protocol": manifest.get("protocol"),
+        "backbone": config.model.backbone,
+        "width": config.model.width,
+        "in_chans": preprocessing.channels,
+        "out_features": backbone.out_features,
+        "adapt": config.model.adapt if source.startswith("meta_train") else "none (pre-trained backbone only)",
+        "ss_mode": config.model.ss_mode,
+        "ss_shortcuts": config.model.ss_shortcuts,
+    }
+    return {
+        "backbone": backbone, "head_weight": weight, "head_bias": bias, "preprocessing": preprocessing,
+        "steps": config.base_learner.steps, "lr": config.base_learner.lr, "bn_mode": config.model.bn_mode, "info": info,
+    }
+
+
+# --- reading a bundle ---------------------------------------------------------------------------
+
+
+class OnnxBackbone:
+    """An ONNX backbone run by ONNX Runtime: normalised (B, C, H, W) float32 -> (B, D) features."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            import onnxruntime
+        except ImportError:
+            raise ValueError(
+                f"{path} is an ONNX model and onnxruntime is not installed; pip install 'metatransfer[onnx]'"
+            ) from None
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+
+
+def _add_folded_biases(backbone: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Folding gives every scale-shifted conv a bias (b + Phi_S2), also where the plain conv has none."""
+    for name, module in backbone.named_modules():
+        if isinstance(module, nn.Conv2d) and module.bias is None and f"{name}.bias" in state:
+            module.bias = nn.Parameter(torch.zeros(module.out_channels))
+
+
+def _read_bundle(export_dir: Path) -> dict[str, Any]:
+    if not export_dir.is_dir():
+        raise FileNotFoundError(f"Export directory {export_dir} does not exist")
+    path = export_dir / BUNDLE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{export_dir} is not an exported model: it has no {BUNDLE_FILE} (write one with `mtl export`)")
+    try:
+        bundle = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); export the model again") from None
+    if bundle.get("format_version") != BUNDLE_FORMAT:
+        raise ValueError(f"{path} has format_version {bundle.get('format_version')!r}; this metatransfer reads {BUNDLE_FORMAT}")
+    for name, digest in bundle["sha256"].items():
+        file = export_dir / name
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}, listed in {BUNDLE_FILE}, is missing; copy the whole export folder")
+        if sha256_file(file) != digest:
+            raise ValueError(f"{file} does not match its checksum in {BUNDLE_FILE}: it is damaged or from another export")
+    return bundle
+
+
+def _bundle_backbone(export_dir: Path, bundle: dict[str, Any]) -> nn.Module | Callable[[torch.Tensor], torch.Tensor]:
+    path, spec = export_dir / bundle["backbone_file"], bundle["backbone"]
+    if bundle["format"] == "onnx":
+        return OnnxBackbone(path)
+    if bundle["format"] == "torchscript":
+        return torch.jit.load(str(path), map_location="cpu").eval()
+    backbone = create_backbone(spec["name"], in_chans=spec["in_chans"], width=spec["width"], drop_rate=0.0)
+    state = load_file(str(path))
+    _add_folded_biases(backbone, state)
+    backbone.load_state_dict(state)
+    return backbone.eval()
+
+
+def load_bundle_parts(export_dir: Path) -> dict[str, Any]:
+    """The keyword arguments of `FewShotClassifier` for an export bundle.
+
+    Raises:
+        FileNotFoundError: the folder or one of its files is missing.
+        ValueError: a damaged bundle, or an ONNX bundle without onnxruntime.
+    """
+    bundle = _read_bundle(export_dir)
+    head = load_file(str(export_dir / bundle["head_file"]))
+    keys = ("image_size", "channels", "mean", "std", "invert")
+    info = {**bundle["source"], "source": f"{export_dir} ({bundle['format']} export of {bundle['source']['checkpoint']})",
+            "format": bundle["format"]}
+    return {
+        "backbone": _bundle_backbone(export_dir, bundle), "head_weight": head["head.weight"], "head_bias": head["head.bias"],
+        "preprocessing": Preprocessing.from_dict({key: bundle["preprocessing"][key] for key in keys}),
+        "steps": bundle["base_learner"]["steps"], "lr": bundle["base_learner"]["lr"], "bn_mode": bundle["bn_mode"], "info": info,
+    }
+
+
+# --- writing a bundle ---------------------------------------------------------------------------
+
+
+def _write_backbone(backbone: nn.Module, path: Path, fmt: str, example: torch.Tensor) -> None:
+    if fmt == "safetensors":
+        save_file({k: v.detach().contiguous() for k, v in backbone.state_dict().items()}, str(path))
+        return
+    with warnings.catch_warnings():  # both exporters warn that TorchScript is deprecated
+        warnings.simplefilter("ignore")
+        if fmt == "torchscript":
+            torch.jit.save(torch.jit.trace(backbone, example), str(path))
+            return
+        try:
+            import onnx  # noqa: F401  (the exporter needs it)
+        except ImportError:
+            raise ValueError("ONNX export needs the onnx package; pip install 'metatransfer[onnx]'") from None
+        # The TorchScript-based exporter: the torch.export-based one needs onnxscript, not a dependency.
+        torch.onnx.export(
+            backbone, (example,), str(path), input_names=["images"], output_names=["features"],
+            dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, opset_version=ONNX_OPSET, dynamo=False,
+        )
+
+
+def _check_export(export_dir: Path, reference: nn.Module, example: torch.Tensor) -> float | None:
+    """Max abs difference between the exported and the PyTorch backbone's features on `example`."""
+    try:
+        parts = load_bundle_parts(export_dir)
+    except ValueError as error:
+        if "onnxruntime is not installed" in str(error):
+            return None
+        raise
+    with torch.no_grad():
+        return float((parts["backbone"](example) - reference(example)).abs().max())
+
+
+def _results(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "results.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else []
+    except json.JSONDecodeError:
+        return []
+
+
+def _model_card(bundle: dict[str, Any], run_dir: Path) -> str:
+    config = read_run_config(run_dir)
+    source, prep, spec = bundle["source"], bundle["preprocessing"], bundle["backbone"]
+    lines = [
+        f"# MTL few-shot model: {spec['name']} on {source['dataset']}",
+        "",
+        "Meta-Transfer Learning (Sun et al., CVPR 2019), exported by metatransfer "
+        f"(`mtl export --format {bundle['format']}`) from `{source['run_dir']}`, checkpoint `{source['checkpoint']}`.",
+        "",
+        "## Backbone",
+        f"- `{spec['name']}`, width x{spec['width']}, {spec['in_chans']} input channel(s), {spec['out_features']}-d features",
+        f"- meta-transfer: {source['adapt']}" + (f" (scale mode `{source['ss_mode']}`, shortcuts {source['ss_shortcuts']}), "
+                                                 "folded into the conv weights" if source["adapt"] == "ss" else ""),
+        f"- file: `{bundle['backbone_file']}` ({bundle['format']}); input `images` float32 (batch, {prep['channels']}, "
+        f"{prep['image_size']}, {prep['image_size']}) normalised as (pixel/255 - mean)/std; output (batch, {spec['out_features']})",
+        f"- BatchNorm: {bundle['bn_mode']}",
+        "",
+        "## Data",
+        f"- trained on `{source['dataset']}`: {source.get('dataset_protocol') or 'see the run config'}",
+        f"- preprocessing: resize ({prep['resize']}) to {prep['image_size']}x{prep['image_size']}, "
+        f"{'grayscale' if prep['channels'] == 1 else 'RGB'}, alpha {prep['alpha']}"
+        + (", inverted (ink bright on dark, as the Omniglot cache)" if prep["invert"] else ""),
+        f"- mean {[round(v, 4) for v in prep['mean']]}, std {[round(v, 4) for v in prep['std']]}",
+        "",
+        "## Training settings",
+        f"- pre-train: {config.pretrain.epochs} epochs, batch {config.pretrain.batch_size}, lr {config.pretrain.lr} ({config.pretrain.schedule})",
+        f"- meta-train: {config.meta_train.iterations} iterations, {config.meta_train.n_way}-way {config.meta_train.n_shot}-shot, "
+        f"{config.meta_train.n_tasks} tasks per meta-batch, hard tasks {'on' if config.meta_train.hard_tasks.enabled else 'off'}",
+        f"- base-learner (used again at prediction): {bundle['base_learner']['steps']} steps, lr {bundle['base_learner']['lr']}",
+        "",
+        "## Results (meta-test, from the run's results.json)",
+    ]
+    results = _results(run_dir)
+    if results:
+        lines += ["| split | way | shot | query | episodes | protocol | accuracy (95% CI) |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['split']} | {r['way']} | {r['shot']} | {r['query']} | {r['episodes']} | {r['protocol']} | "
+                  f"{r['accuracy']:.2f} +- {r['ci95']:.2f} |" for r in results]
+    else:
+        lines.append("No results.json in the run: run `mtl meta-test` for numbers.")
+    lines += [
+        "",
+        "## Use",
+        "```",
+        "mtl predict --model THIS_FOLDER --support SUPPORT_DIR --query QUERY_DIR --out preds.csv",
+        "```",
+        "```python",
+        "from metatransfer import FewShotClassifier",
+        "model = FewShotClassifier.from_export('THIS_FOLDER').fit(support_paths, support_labels)",
+        "labels = model.predict(query_paths)",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str, *, data_root: str | Path | None = None,
+               log: Callable[[str], None] = print) -> Path:
+    """Write a run's model as a bundle in `out_dir` (replaced whole if it already holds a bundle).
+
+    Args:
+        run_dir: a run directory with a meta_train/best (or pretrain/best) checkpoint.
+        out_dir: the bundle folder; must be new, empty, or a previous bundle.
+        fmt: "safetensors", "onnx" or "torchscript".
+        data_root: where the run's prepared dataset lives, if it moved (for mean/std and image size).
+
+    Returns:
+        `out_dir`.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"Unknown export format {fmt!r}; use {', '.join(FORMATS)}")
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / BUNDLE_FILE).is_file())):
+        raise ValueError(f"{out_dir} exists and is not an export folder; choose a new --out")
+    parts = load_run_parts(run_dir, data_root=data_root)
+    if fmt != "safetensors" and parts["bn_mode"] == "batch":
+        raise ValueError(f"{run_dir} uses bn_mode=batch (per-set statistics), which {fmt} cannot hold; export as safetensors")
+    prep, info, backbone = parts["preprocessing"], parts["info"], parts["backbone"]
+    example = torch.randn(2, prep.channels, prep.image_size, prep.image_size, generator=torch.Generator().manual_seed(0))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write_backbone(backbone, tmp / FORMATS[fmt], fmt, example)
+        save_file({"head.weight": parts["head_weight"].contiguous(), "head.bias": parts["head_bias"].contiguous()}, str(tmp / HEAD_FILE))
+        bundle = {
+            "format_version": BUNDLE_FORMAT,
+            "format": fmt,
+            "backbone_file": FORMATS[fmt],
+            "head_file": HEAD_FILE,
+            "backbone": {"name": info["backbone"], "width": info["width"], "in_chans": info["in_chans"],
+                         "out_features": info["out_features"]},
+            "input": {"name": "images", "dtype": "float32", "layout": "(batch, channels, height, width)",
+                      "normalisation": "(pixel / 255 - mean) / std"},
+            "preprocessing": prep.to_dict(),
+            "base_learner": {"steps": parts["steps"], "lr": parts["lr"]},
+            "bn_mode": parts["bn_mode"],
+            "source": {key: info[key] for key in ("run_dir", "checkpoint", "dataset", "dataset_protocol", "adapt", "ss_mode", "ss_shortcuts")},
+            "sha256": {name: sha256_file(tmp / name) for name in (FORMATS[fmt], HEAD_FILE)},
+        }
+        write_json(tmp / BUNDLE_FILE, bundle)
+        (tmp / "MODEL_CARD.md").write_text(_model_card(bundle, run_dir))
+        difference = _check_export(tmp, backbone, example)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    check = "not checked (onnxruntime not installed)" if difference is None else f"max abs feature difference {difference:.1e}"
+    log(f"exported {info['source']} as {fmt} to {out_dir} ({check})")
+    return out_dir

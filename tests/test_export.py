@@ -1,0 +1,153 @@
+"""`mtl export`: SS folded into a plain backbone; safetensors, ONNX and TorchScript bundles give the
+features of the run's model, and `mtl predict` the same predictions from a bundle as from the run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fixtures_run import fc100_folders, smoke_run  # noqa: F401  (fixtures)
+from metatransfer import FewShotClassifier
+from metatransfer.cli import main
+from metatransfer.export import BUNDLE_FILE, _add_folded_biases, export_run
+from metatransfer.models.backbones import create_backbone, list_backbones
+from metatransfer.models.scale_shift import apply_scale_shift, fold_scale_shift
+from metatransfer.phases.features import build_backbone
+from metatransfer.run import load_checkpoint, read_run_config
+
+
+def _images(n: int = 6, channels: int = 3, size: int = 32) -> torch.Tensor:
+    return torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def bundles(smoke_run, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
+    folder = tmp_path_factory.mktemp("bundles")
+    formats = ["safetensors", "torchscript"]
+    try:
+        import onnxruntime  # noqa: F401
+
+        formats.append("onnx")
+    except ImportError:
+        pass
+    return {fmt: export_run(smoke_run, folder / fmt, fmt, log=lambda _: None) for fmt in formats}
+
+
+def test_folding_the_meta_trained_ss_keeps_the_features(smoke_run):  # noqa: F811
+    config = read_run_config(smoke_run)
+    tensors, meta = load_checkpoint(smoke_run / "meta_train" / "last")  # best may be the untrained iteration 0
+    assert any((t - 1).abs().max() > 0 for k, t in tensors.items() if k.endswith(".scale"))  # SS really learned
+    backbone = build_backbone(config, 3)
+    apply_scale_shift(backbone, mode=meta["ss_mode"], include_shortcuts=meta["ss_shortcuts"])
+    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")})
+    backbone.eval()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # and SS far from its init, as after a long meta-training
+        for key, value in backbone.state_dict().items():
+            if key.endswith((".scale", ".shift")):
+                value.add_(0.2 * torch.randn(value.shape, generator=generator))
+    x = _images()
+    with torch.no_grad():
+        before = backbone(x)
+        after = fold_scale_shift(backbone)(x)
+    assert (after - before).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_folded_weights_load_into_a_fresh_plain_backbone(name):
+    """Folding gives bias-less convs (resnet25) a bias; the bundle reader adds it back."""
+    model = create_backbone(name, width=0.25)
+    apply_scale_shift(model, include_shortcuts=True)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(2)))
+    model = fold_scale_shift(model).eval()
+    state = model.state_dict()
+    fresh = create_backbone(name, width=0.25)
+    _add_folded_biases(fresh, state)
+    fresh.load_state_dict(state)
+    x = _images(3)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), model(x))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torchscript", "onnx"])
+def test_exported_backbone_gives_the_run_features(fmt, bundles, smoke_run):  # noqa: F811
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'metatransfer[onnx]')")
+    run = FewShotClassifier.from_run(smoke_run, device="cpu")
+    exported = FewShotClassifier.from_export(bundles[fmt], device="cpu")
+    x = _images(5)
+    with torch.no_grad():
+        assert (exported.backbone(x) - run.backbone(x)).abs().max() < 1e-5
+    assert torch.equal(exported.head_weight, run.head_weight) and torch.equal(exported.head_bias, run.head_bias)
+    assert exported.preprocessing == run.preprocessing and (exported.steps, exported.lr) == (run.steps, run.lr)
+
+
+def test_bundle_is_self_contained_and_documented(bundles, smoke_run, tmp_path):  # noqa: F811
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(bundles["safetensors"], moved)  # no run dir nor dataset needed from here on
+    bundle = json.loads((moved / BUNDLE_FILE).read_text())
+    assert bundle["preprocessing"]["image_size"] == 32 and bundle["preprocessing"]["invert"] is False
+    assert len(bundle["preprocessing"]["mean"]) == 3 and bundle["backbone"]["name"] == "conv4"
+    assert bundle["base_learner"] == {"steps": 5, "lr": 0.01}
+    card = (moved / "MODEL_CARD.md").read_text()
+    result = json.loads((smoke_run / "results.json").read_text())[0]
+    assert f"{result['accuracy']:.2f} +- {result['ci95']:.2f}" in card and "conv4" in card and "fc100" in card
+    assert FewShotClassifier.load(moved, device="cpu").info["format"] == "safetensors"
+
+
+def test_predict_from_a_bundle_equals_predict_from_the_run(bundles, smoke_run, fc100_folders, tmp_path):  # noqa: F811
+    support, query = fc100_folders
+
+    def predictions(model: Path) -> list[tuple[str, float]]:
+        out = tmp_path / f"{model.name}.json"
+        assert main(["predict", "--model", str(model), "--support", str(support), "--query", str(query),
+                     "--out", str(out), "--device", "cpu"]) == 0
+        return [(row["predicted"], row["probability"]) for row in json.loads(out.read_text())["predictions"]]
+
+    expected = predictions(smoke_run)
+    for fmt, folder in bundles.items():
+        got = predictions(folder)
+        assert [label for label, _ in got] == [label for label, _ in expected], fmt
+        assert max(abs(p - q) for (_, p), (_, q) in zip(got, expected)) < 1e-4, fmt
+
+
+def test_cli_export_and_its_errors(smoke_run, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "bundle"
+    assert main(["export", "--model", str(smoke_run), "--format", "safetensors", "--out", str(out)]) == 0
+    assert main(["export", "--model", str(smoke_run), "--format", "safetensors", "--out", str(out)]) == 0  # replaces
+    assert "exported" in capsys.readouterr().out
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "thesis.tex").write_text("keep me")
+    assert main(["export", "--model", str(smoke_run), "--out", str(occupied)]) == 2
+    assert "not an export folder" in capsys.readouterr().err and (occupied / "thesis.tex").exists()
+    assert main(["export", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "b2")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_damaged_bundle_is_reported(bundles, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(bundles["safetensors"], damaged)
+    with open(damaged / "head.safetensors", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ValueError, match="checksum"):
+        FewShotClassifier.from_export(damaged)
+    (damaged / "head.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="head.safetensors"):
+        FewShotClassifier.from_export(damaged)
+
+
+def test_batch_norm_in_batch_mode_only_exports_as_safetensors(smoke_run, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    text = (run / "config.yaml").read_text()
+    assert "bn_mode: frozen" in text
+    (run / "config.yaml").write_text(text.replace("bn_mode: frozen", "bn_mode: batch"))
+    with pytest.raises(ValueError, match="bn_mode=batch"):
+        export_run(run, tmp_path / "out", "onnx", log=lambda _: None)
