@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                        ("meta-test", "phase 3: few-shot accuracy with 95%% CI on unseen classes")):
         _add_run_arguments(commands.add_parser(name, help=text))
 
+    ablate = commands.add_parser("ablate", help="the paper's ablation rows (FT/SS, with/without HT) on one pre-trained backbone")
+    _add_run_arguments(ablate)
+    ablate.add_argument("--shots", default="1,5", help="shots to meta-train and test, one model each (default 1,5)")
+    ablate.add_argument("--seeds", default="0,1,2", help="seeds of the meta-trained rows (default 0,1,2)")
+    ablate.add_argument("--pretrained", type=Path, help="reuse the pre-trained backbone of this run directory")
+
     commands.add_parser("presets", help="list the shipped presets")
     commands.add_parser("backbones", help="list the registered backbones")
     show = commands.add_parser("config", help="print the resolved config of a preset and overrides")
@@ -99,6 +105,28 @@ def _run_phases(args: argparse.Namespace, phases: Sequence[str]) -> None:
         modules[phase].run(config, args.out)
 
 
+def _ablate(args: argparse.Namespace) -> None:
+    from metatransfer import ablate
+
+    config = _config_for(args)
+    shots = [int(part) for part in args.shots.split(",")]
+    seeds = [int(part) for part in args.seeds.split(",")]
+    records = ablate.run_ablation(config, args.out, shots=shots, seeds=seeds, pretrained=args.pretrained)
+    title = f"MTL ablation on {config.data.name} ({config.model.backbone}, preset {args.preset or 'default'})"
+    print(ablate.write_table(records, args.out / "ablation.md", title=title))
+    from metatransfer.plots import plot_ablation, plot_convergence
+
+    try:
+        plot_ablation(ablate.summarise(records), list(ablate.ROWS), args.out / "ablation.png", title=title)
+        for shot in shots:
+            curves = ablate.convergence_curves(records, shot)
+            plot_convergence(curves, args.out / f"convergence-{shot}shot.png", title=f"{config.data.name}, 5-way {shot}-shot: validation during meta-training")
+    except ImportError as error:
+        print(f"mtl: no plots: {error}", file=sys.stderr)
+        return
+    print(f"wrote {args.out / 'ablation.md'}, ablation.png and convergence-*shot.png")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -120,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run_phases(args, ["pretrain", "meta-train", "meta-test"])
         elif args.command in ("pretrain", "meta-train", "meta-test"):
             _run_phases(args, [args.command])
+        elif args.command == "ablate":
+            _ablate(args)
         elif args.command == "presets":
             from metatransfer.config import list_presets
 
