@@ -155,3 +155,9 @@ def test_override_without_equals_sign_fails():
 def test_dict_round_trip():
     config = load_config("omniglot-cpu", ["meta_train.lr_ss=1e-3"])
     assert config_from_dict(config_to_dict(config)) == config
+
+
+def test_text_overrides_keep_their_raw_text():
+    config = load_config(None, ["data.root=/data/a,b", "data.name=on"])
+    assert config.data.root == "/data/a,b"
+    assert config.data.name == "on"

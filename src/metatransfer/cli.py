@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -180,5 +179,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     return 0
 
-
-_ = json

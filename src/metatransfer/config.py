@@ -213,14 +213,30 @@ def _apply(target: Any, values: dict[str, Any], prefix: str = "") -> None:
         setattr(target, key, value)
 
 
+def _field_type(dotted: str) -> Any:
+    """The annotation of a dotted key, or None if the key does not exist (reported later)."""
+    target: Any = Config
+    for part in dotted.split("."):
+        hints = typing.get_type_hints(target) if dataclasses.is_dataclass(target) else {}
+        if part not in hints:
+            return None
+        target = hints[part]
+    return target
+
+
 def _parse_override(text: str) -> dict[str, Any]:
-    """Turn 'a.b.c=value' into {'a': {'b': {'c': value}}}, the value read as YAML (1e-3, true, [1, 5])."""
+    """Turn 'a.b.c=value' into {'a': {'b': {'c': value}}}; the value is read as YAML (1e-3, true,
+    [1, 5], or 1,5 for a list), except for text keys, which keep the raw text (paths, names)."""
     if "=" not in text:
         raise ValueError(f"Override {text!r} must look like section.key=value.")
     dotted, raw = text.split("=", 1)
-    value: Any = yaml.safe_load(raw) if raw.strip() else ""
-    if isinstance(value, str) and "," in value:  # meta_test.n_shot=1,5
-        value = [yaml.safe_load(part) for part in value.split(",")]
+    value: Any
+    if _field_type(dotted.strip()) is str:
+        value = raw
+    else:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        if isinstance(value, str) and "," in value:  # meta_test.n_shot=1,5
+            value = [yaml.safe_load(part) for part in value.split(",")]
     tree: dict[str, Any] = {}
     node = tree
     parts = dotted.strip().split(".")

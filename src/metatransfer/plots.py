@@ -31,11 +31,12 @@ def plot_ablation(table: dict[tuple[str, int], dict[str, float]], rows: list[str
         values = [table.get((row, shot), {}).get("accuracy", np.nan) for row in rows]
         errors = [table.get((row, shot), {}).get("ci95", 0.0) for row in rows]
         bars = ax.bar(range(len(rows)), values, yerr=errors, capsize=4, color=colours[: len(rows)])
-        for bar, value in zip(bars, values):
-            ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom",
-                        xytext=(0, 6), textcoords="offset points", fontsize=9)
         finite = [v for v in values if np.isfinite(v)]
-        ax.set_ylim(max(0.0, min(finite) - 8), min(100.0, max(finite) + 5))
+        bottom = max(0.0, min(finite) - 8)
+        ax.set_ylim(bottom, min(100.0, max(finite) + 5))
+        for bar, value in zip(bars, values):  # inside the bar's foot, clear of the error bars
+            ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, bottom), ha="center", va="bottom",
+                        xytext=(0, 4), textcoords="offset points", fontsize=9, color="white", fontweight="bold")
         ax.set_xticks(range(len(rows)), rows, rotation=20, ha="right", fontsize=9)
         ax.set_ylabel("5-way test accuracy (%)")
         ax.set_title(f"{shot}-shot")

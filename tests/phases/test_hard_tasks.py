@@ -265,3 +265,15 @@ def test_hard_tasks_have_the_normal_shapes(fresh_images):
     assert tasks.query.shape == (3, N_WAY * N_QUERY)
     assert tasks.class_ids.shape == (3, N_WAY)
     assert (tasks.n_way, tasks.n_shot, tasks.n_query) == (N_WAY, N_SHOT, N_QUERY)
+
+
+def test_zero_hard_iterations_still_clear_the_pool_each_cycle():
+    config = HardTaskConfig(normal_iterations=2, hard_iterations=0, start=0)
+    scheduler = HardTaskScheduler(config, n_way=2)
+    sampler = TaskSampler(np.repeat(np.arange(6), 10), n_way=2, n_shot=1, n_query=2, seed=0)
+    for iteration in range(12):
+        kind = scheduler.next_kind(iteration)
+        assert kind == "normal"
+        tasks = scheduler.sample(kind, sampler, 2)
+        scheduler.observe(kind, tasks, torch.rand(2, 2), torch.rand(2, 2))
+        assert len(scheduler.pool) <= 2 * config.normal_iterations

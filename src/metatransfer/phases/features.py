@@ -89,7 +89,7 @@ def extract_features(
     backbone.eval()
     chunks = []
     for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+        batch = torch.from_numpy(np.array(images[start : start + batch_size]))  # a writable copy of the memmap slice
         if flip:
             batch = batch.flip(-2)  # (B, H, W, C): W is axis -2
         chunks.append(forward_images(backbone, batch, mean=mean, std=std, device=device, amp=amp, channels_last=channels_last))

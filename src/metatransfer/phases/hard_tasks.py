@@ -60,6 +60,8 @@ class HardTaskScheduler:
         if self.hard_left == 0 and iteration >= self.config.start and self.normal_done >= self.config.normal_iterations:
             if len(set(self.pool)) >= self.needed:
                 self.hard_left = self.config.hard_iterations
+                if self.hard_left == 0:  # a cycle without hard meta-batches still ends here
+                    self.pool, self.pool_images, self.normal_done = [], [], 0
         return "hard" if self.hard_left > 0 else "normal"
 
     def sample(self, kind: str, sampler: TaskSampler, n_tasks: int) -> TaskIndices:

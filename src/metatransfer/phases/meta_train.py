@@ -9,7 +9,6 @@ and theta with the query loss of the adapted learners (Sun et al. 2019, Algorith
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from metatransfer.models.head import adapt_head, expand_head, head_logits, init_
 from metatransfer.models.scale_shift import apply_scale_shift, scale_shift_parameters
 from metatransfer.phases.features import backbone_meta, batch_statistics, build_backbone, forward_images
 from metatransfer.phases.hard_tasks import HardTaskScheduler
-from metatransfer.phases.meta_test import confidence_interval, evaluate_split
+from metatransfer.phases.meta_test import evaluate_split
 from metatransfer.run import (
     MetricsLog, checkpoint_exists, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
     resolve_device, save_checkpoint, seed_everything, write_json,
@@ -156,7 +155,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         nonlocal best_accuracy
         result = evaluate_split(
             backbone, head_weight.detach(), head_bias.detach(), val, config, device, ways=[meta.n_way], shots=[meta.n_shot],
-            episodes=meta.val_episodes, n_query=15, protocol="standard", seed=config.meta_test.seed,
+            episodes=meta.val_episodes, n_query=config.meta_test.n_query, protocol="standard", seed=config.meta_test.seed,
         )[0]
         metrics.log("meta_train_val", iteration, accuracy=result["accuracy"], ci95=result["ci95"])
         if result["accuracy"] > best_accuracy:
@@ -210,5 +209,3 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     metrics.close()
     return summary
 
-
-_ = (math, confidence_interval)

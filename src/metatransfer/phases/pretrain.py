@@ -128,7 +128,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         if (epoch + 1) % pre.val_every == 0 or epoch + 1 == pre.epochs:
             result = evaluate_split(
                 backbone, torch.zeros(5, backbone.out_features), torch.zeros(5), val, config, device, ways=[5],
-                shots=[pre.val_shot], episodes=pre.val_episodes, n_query=15, protocol="standard", seed=config.meta_test.seed,
+                shots=[pre.val_shot], episodes=pre.val_episodes, n_query=config.meta_test.n_query, protocol="standard", seed=config.meta_test.seed,
             )[0]
             record.update(val_accuracy=result["accuracy"], val_ci95=result["ci95"])
             if result["accuracy"] > best_accuracy:
