@@ -7,8 +7,8 @@ python3 -m venv .venv
 .venv/bin/pip install -q torch==2.13.0          # the CPU wheel; on a GPU machine: pip install torch
 .venv/bin/pip install -q -e ".[all]"
 if [ -d ../shared/data/omniglot ]; then
-  .venv/bin/mtl data prepare omniglot --source ../shared/data/omniglot --root data
+  .venv/bin/mtl data prepare omniglot --rotations --source ../shared/data/omniglot --root data
 else
-  .venv/bin/mtl data prepare omniglot --download --root data
+  .venv/bin/mtl data prepare omniglot --rotations --download --root data
 fi
 .venv/bin/mtl run --preset omniglot-cpu --data-root data --out runs/omniglot-cpu "$@"
