@@ -20,6 +20,7 @@ from tqdm import tqdm
 from metatransfer.config import Config
 from metatransfer.data.cache import ImageSplit, load_split
 from metatransfer.data.episodes import TaskIndices, TaskSampler, gather_episode
+from metatransfer.models.fuse import inference_copy
 from metatransfer.models.head import adapt_head, expand_head, head_logits
 from metatransfer.models.scale_shift import apply_scale_shift, fold_scale_shift
 from metatransfer.phases.features import batch_statistics, build_backbone, extract_features, forward_images
@@ -139,9 +140,10 @@ def evaluate_split(
     paper = protocol == "paper"
     options = dict(mean=split.mean, std=split.std, device=device, amp=config.amp, channels_last=config.channels_last)
     frozen = config.model.bn_mode == "frozen"
-    if frozen:
-        features = extract_features(backbone, split.images, **options)
-        flipped = extract_features(backbone, split.images, flip=True, **options) if paper else None
+    if frozen:  # one pass over the split with SS and BN folded into the convs
+        plain = inference_copy(backbone)
+        features = extract_features(plain, split.images, **options)
+        flipped = extract_features(plain, split.images, flip=True, **options) if paper else None
     results = []
     for n_way in ways:
         for n_shot in shots:
