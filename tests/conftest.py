@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from metatransfer.data.cache import SPLITS, load_split, write_cache
 from metatransfer.data.prepare import prepare_dataset
 
 # The repository sits next to shared/: /work/main/tests/conftest.py -> /work/shared/data.
@@ -36,6 +37,28 @@ def prepared_fc100(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) 
     root = tmp_path_factory.mktemp("cache_fc100")
     prepare_dataset("fc100", shared_data / "cifar100" / "cifar100_png.zip", root, log=_quiet)
     return root, "fc100"
+
+
+# Images kept per class: train enough for 1-shot 5-query meta-train tasks; val 16 for the
+# phases' fixed 15-query validation; test 25 for the presets' 10-shot 15-query meta-test.
+SMALL_PER_CLASS = {"train": 8, "val": 16, "test": 25}
+
+
+@pytest.fixture(scope="session")
+def fc100_small(prepared_fc100: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """FC100 with the first few images of every class (60 x 8 / 20 x 16 / 20 x 25, 32x32)."""
+    source_root, source_name = prepared_fc100
+    root = tmp_path_factory.mktemp("cache_fc100_small")
+    splits = {}
+    for split in SPLITS:
+        data = load_split(source_root, source_name, split)
+        keep = np.concatenate(
+            [np.flatnonzero(data.labels == c)[: SMALL_PER_CLASS[split]] for c in range(data.num_classes)]
+        )
+        splits[split] = (np.asarray(data.images[keep]), data.labels[keep], data.class_names)
+    write_cache(root, "fc100-small", splits, source_path=source_root / source_name, source_sha256=None,
+                protocol="FC100, first images of each class (tests)", options={})
+    return root, "fc100-small"
 
 
 @pytest.fixture(scope="session")

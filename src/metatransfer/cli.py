@@ -2,6 +2,8 @@
 
     mtl data prepare fc100 --source cifar100_png.zip --root data
     mtl run --preset fc100-cpu --data-root data --out runs/fc100
+    mtl run --resume runs/fc100          (after a kill: continue from the last checkpoints)
+    torchrun --nproc_per_node=4 -m metatransfer run --preset fc100 --out runs/fc100   (docs/distributed.md)
     mtl pretrain | meta-train | meta-test --preset P --out RUN [section.key=value ...]
     mtl predict --model RUN_OR_EXPORT --support SUPPORT_DIR --query QUERY_DIR [--out preds.csv]
     mtl export --model RUN --format safetensors|onnx|torchscript --out DIR
@@ -20,8 +22,9 @@ __all__ = ["main", "build_parser"]
 def _add_run_arguments(parser: argparse.ArgumentParser, *, needs_out: bool = True) -> None:
     parser.add_argument("--preset", help="a shipped preset name (see `mtl presets`) or a YAML file")
     parser.add_argument("--data-root", help="where `mtl data prepare` wrote its caches (data.root)")
-    parser.add_argument("--out", required=needs_out, type=Path, help="the run directory")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out with the config saved there")
+    parser.add_argument("--out", type=Path, help="the run directory" + (" (required unless --resume RUN_DIR)" if needs_out else ""))
+    parser.add_argument("--resume", nargs="?", const=True, type=Path, metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR (or --out) from its last checkpoints, with the config saved there")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. meta_train.iterations=500")
 
 
@@ -83,7 +86,7 @@ def _config_for(args: argparse.Namespace):
     from metatransfer.config import load_config
     from metatransfer.run import read_run_config
 
-    if getattr(args, "resume", False):
+    if getattr(args, "resume", None):
         if args.preset or args.overrides:
             raise ValueError("--resume continues a run as it was configured; leave out --preset and overrides.")
         return read_run_config(args.out)
@@ -93,20 +96,42 @@ def _config_for(args: argparse.Namespace):
     return load_config(args.preset, overrides)
 
 
+def _resolve_out(args: argparse.Namespace) -> None:
+    """`--resume RUN_DIR` names the run directory as `--out RUN_DIR --resume` does."""
+    if isinstance(args.resume, Path):
+        if args.out is not None and args.out != args.resume:
+            raise ValueError(f"--resume {args.resume} and --out {args.out} name two run directories; give one.")
+        args.out = args.resume
+
+
 def _run_phases(args: argparse.Namespace, phases: Sequence[str]) -> None:
+    """Run the phases in order; under torchrun every rank trains, rank 0 alone writes and meta-tests."""
+    from metatransfer import distributed
     from metatransfer.phases import meta_test, meta_train, pretrain
     from metatransfer.run import prepare_run_dir
 
     config = _config_for(args)
-    prepare_run_dir(args.out, config)
-    modules = {"pretrain": pretrain, "meta-train": meta_train, "meta-test": meta_test}
-    for phase in phases:
-        modules[phase].run(config, args.out)
+    distributed.init_distributed(config.device)
+    try:
+        if distributed.is_main():
+            prepare_run_dir(args.out, config)
+        distributed.barrier()
+        modules = {"pretrain": pretrain, "meta-train": meta_train, "meta-test": meta_test}
+        for phase in phases:
+            if phase != "meta-test" or distributed.is_main():
+                modules[phase].run(config, args.out)
+            distributed.barrier()
+    finally:
+        distributed.cleanup()
 
 
 def _ablate(args: argparse.Namespace) -> None:
+    import os
+
     from metatransfer import ablate
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("mtl ablate runs as one process; start it without torchrun (its runs are small).")
     config = _config_for(args)
     shots = [int(part) for part in args.shots.split(",")]
     seeds = [int(part) for part in args.seeds.split(",")]
@@ -127,8 +152,13 @@ def _ablate(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if hasattr(args, "resume") and args.out is None and (args.resume is True or (args.resume is None and args.command != "config")):
+        parser.error("the following arguments are required: --out (or --resume RUN_DIR)")
     try:
+        if hasattr(args, "resume"):
+            _resolve_out(args)
         if args.command == "data":
             if args.data_command == "prepare":
                 from metatransfer.data.prepare import prepare_dataset
@@ -171,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from metatransfer.export import export_run
 
             export_run(args.model, args.out, args.format, data_root=args.data_root)
-    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+    except (ValueError, OSError, FloatingPointError) as error:  # OSError: disk full, no permission, missing file
         print(f"mtl: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,9 +2,10 @@
 
 A run directory is the only channel between phases: pre-train writes `pretrain/best`, meta-train
 reads it and writes `meta_train/best`, meta-test reads that. Checkpoints are a pair of files,
-`<stem>.safetensors` (tensors only) and `<stem>.json` (plain values), each written to a temporary
-name and renamed, JSON last, so a reader sees either the previous complete pair or the new one and
-nothing is ever unpickled.
+`<stem>.safetensors` (tensors only) and `<stem>.json` (plain values). Both are written in full to
+temporary names first and then renamed, tensors then JSON, so a failed write (disk full, no
+permission) leaves the previous pair untouched; a kill between the two renames leaves the new JSON
+pending, and the next load completes the rename. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -44,15 +45,19 @@ __all__ = [
 CHECKPOINT_FORMAT = 1
 
 
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_json(path: Path, value: Any) -> None:
     """Write JSON atomically: a temporary file in the same folder, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
-            json.dump(value, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(tmp, json.dumps(value, indent=2))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -67,17 +72,42 @@ def _sha256(path: Path) -> str:
 
 
 def save_checkpoint(stem: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Write `stem.safetensors` and `stem.json`; the JSON records the tensors' sha256 to pair them."""
+    """Write `stem.safetensors` and `stem.json`; the JSON records the tensors' sha256 to pair them.
+
+    Raises:
+        OSError: the disk is full or the folder not writable; the previous pair is left as it was.
+    """
     stem.parent.mkdir(parents=True, exist_ok=True)
-    tensors_path = stem.with_suffix(".safetensors")
-    tmp = stem.with_name(f".{stem.name}.safetensors.tmp-{os.getpid()}")
+    tensors_path, meta_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    tensors_tmp = stem.with_name(f".{stem.name}.safetensors.tmp-{os.getpid()}")
+    meta_tmp = stem.with_name(f".{stem.name}.json.tmp-{os.getpid()}")
+    renamed = False
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-        digest = _sha256(tmp)
-        os.replace(tmp, tensors_path)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tensors_tmp))
+        with open(tensors_tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = _sha256(tensors_tmp)
+        _write_synced(meta_tmp, json.dumps({"format_version": CHECKPOINT_FORMAT, "sha256": digest, **meta}, indent=2))
+        os.replace(tensors_tmp, tensors_path)
+        renamed = True
+        os.replace(meta_tmp, meta_path)
     finally:
-        tmp.unlink(missing_ok=True)
-    write_json(stem.with_suffix(".json"), {"format_version": CHECKPOINT_FORMAT, "sha256": digest, **meta})
+        tensors_tmp.unlink(missing_ok=True)
+        if not renamed:  # after the tensors' rename the pending JSON is the only valid partner
+            meta_tmp.unlink(missing_ok=True)
+
+
+def _complete_pending_save(stem: Path) -> bool:
+    """After a kill between the two renames of a save: adopt the pending JSON that pairs with the tensors."""
+    digest = _sha256(stem.with_suffix(".safetensors"))
+    for pending in sorted(stem.parent.glob(f".{stem.name}.json.tmp-*")):
+        try:
+            if json.loads(pending.read_text()).get("sha256") == digest:
+                os.replace(pending, stem.with_suffix(".json"))
+                return True
+        except (OSError, json.JSONDecodeError):
+            continue
+    return False
 
 
 def checkpoint_exists(stem: Path) -> bool:
@@ -104,6 +134,8 @@ def load_checkpoint(stem: Path, *, expect: dict[str, Any] | None = None) -> tupl
         raise ValueError(
             f"Checkpoint {meta_path} has format version {meta.get('format_version')!r}; this metatransfer reads version {CHECKPOINT_FORMAT}."
         )
+    if meta.get("sha256") != _sha256(tensors_path) and _complete_pending_save(stem):
+        meta = json.loads(meta_path.read_text())
     if meta.get("sha256") != _sha256(tensors_path):
         raise ValueError(f"Checkpoint {tensors_path} does not match the checksum in {meta_path.name}: it is corrupt or from another save.")
     for key, wanted in (expect or {}).items():
@@ -175,17 +207,40 @@ def read_run_config(run_dir: Path) -> Config:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to metrics.jsonl and mirrors scalars to TensorBoard if installed."""
+    """Appends one JSON object per line to metrics.jsonl and mirrors scalars to TensorBoard if installed.
 
-    def __init__(self, run_dir: Path, enabled: bool = True) -> None:
+    Args:
+        run_dir: the run directory.
+        enabled: False on the processes that must not write (ranks other than 0).
+        name: TensorBoard folder under `run_dir/tensorboard`, one per phase, so that rewinding one
+            phase never hides another phase's curves.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool = True, name: str = "") -> None:
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
+        self._tensorboard_dir = run_dir / "tensorboard" / name
+        self._purge_step: int | None = None
         self._writer = None
-        if enabled:
-            with contextlib.suppress(ImportError):
-                from torch.utils.tensorboard import SummaryWriter
+        self._writer_tried = False
 
-                self._writer = SummaryWriter(str(run_dir / "tensorboard"))
+    def rewind(self, phases: Sequence[str], step: int) -> None:
+        """Forget what a killed attempt logged for `phases` after `step` (the resumed checkpoint's;
+        -1 for a fresh start), so a resumed run logs each step once, as an uninterrupted run does."""
+        if not self.enabled:
+            return
+        self._purge_step = step + 1  # TensorBoard hides older events at or after this step
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if not _logged_after(line, phases, step)]
+        if len(kept) != len(lines):
+            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+            try:
+                _write_synced(tmp, "".join(line + "\n" for line in kept))
+                os.replace(tmp, self.path)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def log(self, phase: str, step: int, **values: Any) -> None:
         if not self.enabled:
@@ -193,14 +248,32 @@ class MetricsLog:
         record = {"phase": phase, "step": step, "time": round(time.time(), 3), **values}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self._writer is not None:
+        writer = self._tensorboard()
+        if writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._writer.add_scalar(f"{phase}/{key}", value, step)
+                    writer.add_scalar(f"{phase}/{key}", value, step)
+
+    def _tensorboard(self):
+        if not self._writer_tried:
+            self._writer_tried = True
+            with contextlib.suppress(ImportError):
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self._tensorboard_dir), purge_step=self._purge_step)
+        return self._writer
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+def _logged_after(line: str, phases: Sequence[str], step: int) -> bool:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:  # a line cut short by a kill
+        return True
+    return record.get("phase") in phases and record.get("step", 0) > step
 
 
 def resolve_device(name: str) -> torch.device:

@@ -5,6 +5,8 @@ support and query images through the backbone at once, fine-tunes T copies of th
 base-learner from theta on the support features (batched closed-form inner loop), and updates SS
 and theta with the query loss of the adapted learners (Sun et al. 2019, Algorithm 1 and 2).
 `model.adapt=ft` meta-trains all conv weights instead of SS, the paper's FT ablation.
+Under torchrun every rank draws the same meta-batch, computes the loss of its equal share of the T
+tasks, and the gradients are averaged; the HT scheduler sees all tasks' accuracies on every rank.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from tqdm import tqdm
 
 from metatransfer.config import Config
 from metatransfer.data.cache import load_split
-from metatransfer.data.episodes import Episode, TaskSampler, gather_episode
+from metatransfer.data.episodes import Episode, TaskIndices, TaskSampler, gather_episode
+from metatransfer.distributed import all_gather, all_reduce_gradients, all_reduce_sum, barrier, is_main, rank_slice, world_size
 from metatransfer.models.head import adapt_head, expand_head, head_logits, init_head_weight, per_class_accuracy
 from metatransfer.models.scale_shift import apply_scale_shift, scale_shift_parameters
 from metatransfer.phases.features import backbone_meta, batch_statistics, build_backbone, forward_images
@@ -92,6 +95,10 @@ def meta_batch_loss(
     return losses.mean(), accuracy, class_loss
 
 
+def _task_slice(tasks: TaskIndices, part: slice) -> TaskIndices:
+    return TaskIndices(tasks.support[part], tasks.query[part], tasks.class_ids[part], tasks.n_way, tasks.n_shot, tasks.n_query)
+
+
 def _learning_rates(config: Config, iteration: int) -> tuple[float, float]:
     decay = config.meta_train.lr_gamma ** (iteration // config.meta_train.lr_decay_every)
     return config.meta_train.lr_ss * decay, config.meta_train.lr_head * decay
@@ -100,6 +107,7 @@ def _learning_rates(config: Config, iteration: int) -> tuple[float, float]:
 def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     """Meta-train from `pretrain/best`; writes `meta_train/best` (by validation) and `meta_train/last`."""
     meta = config.meta_train
+    log = log if is_main() else (lambda message: None)
     device = resolve_device(config.device)
     seed_everything(config.seed)
     train = load_split(config.data.root, config.data.name, "train")
@@ -120,8 +128,11 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     hard = HardTaskScheduler(meta.hard_tasks, meta.n_way)
     model_meta = {**backbone_meta(config, backbone, in_chans), "adapt": config.model.adapt, "ss_mode": config.model.ss_mode,
                   "ss_shortcuts": config.model.ss_shortcuts, "n_way": meta.n_way, "dataset": config.data.name}
-    metrics = MetricsLog(run_dir)
+    shard = rank_slice(meta.n_tasks, "meta_train.n_tasks")  # this rank's tasks of each meta-batch
+    metrics = MetricsLog(run_dir, enabled=is_main(), name="meta_train")
     start, best_accuracy = 0, -1.0
+    window: dict[str, list[float]] = {"normal": [], "hard": []}  # task accuracies since the last metrics line
+    losses: list[float] = []
     last_stem, best_stem = run_dir / "meta_train" / "last", run_dir / "meta_train" / "best"
 
     def model_tensors() -> dict[str, torch.Tensor]:
@@ -129,11 +140,19 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         return {**tensors, "head.weight": head_weight.detach(), "head.bias": head_bias.detach()}
 
     def save_last(iteration: int) -> None:
+        if not is_main():
+            return
         optim_tensors, optim_meta = optimizer_to_tensors(optimizer, "optimizer")
         save_checkpoint(last_stem, {**model_tensors(), **optim_tensors, "rng.torch": torch.get_rng_state()}, {
             **model_meta, "iteration": iteration, "best_accuracy": best_accuracy, "optimizer": optim_meta,
-            "sampler": sampler.state_dict(), "hard_tasks": hard.state_dict(), "complete": iteration >= meta.iterations,
+            "sampler": sampler.state_dict(), "hard_tasks": hard.state_dict(), "window": window, "losses": losses,
+            "complete": iteration >= meta.iterations,
         })
+
+    def write_hard_classes() -> None:
+        if is_main():
+            names = train.class_names
+            write_json(run_dir / "meta_train" / "hard_classes.json", {names[c]: n for c, n in hard.failure_counts.most_common()})
 
     if checkpoint_exists(last_stem):  # resume
         tensors, saved = load_checkpoint(last_stem, expect=model_meta)
@@ -146,10 +165,15 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         sampler.load_state_dict(saved["sampler"])
         hard.load_state_dict(saved["hard_tasks"])
         start, best_accuracy = saved["iteration"], saved["best_accuracy"]
+        window, losses = saved.get("window", window), saved.get("losses", losses)
         if start >= meta.iterations:
+            if not (run_dir / "meta_train" / "hard_classes.json").is_file():  # killed just after the last save
+                write_hard_classes()
             log(f"meta-train already complete in {run_dir} (best val {best_accuracy:.2f}%).")
+            barrier()
             return {"best_val_accuracy": best_accuracy}
         log(f"resuming meta-train at iteration {start}")
+    metrics.rewind(["meta_train", "meta_train_val"], start if checkpoint_exists(last_stem) else -1)
 
     def validate(iteration: int) -> float:
         nonlocal best_accuracy
@@ -160,33 +184,35 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         metrics.log("meta_train_val", iteration, accuracy=result["accuracy"], ci95=result["ci95"])
         if result["accuracy"] > best_accuracy:
             best_accuracy = result["accuracy"]
-            save_checkpoint(best_stem, model_tensors(), {**model_meta, "iteration": iteration, "val_accuracy": best_accuracy, "val_ci95": result["ci95"]})
+            if is_main():
+                save_checkpoint(best_stem, model_tensors(), {**model_meta, "iteration": iteration, "val_accuracy": best_accuracy, "val_ci95": result["ci95"]})
         return result["accuracy"]
 
     if start == 0:
         validate(0)
-    window: dict[str, list[float]] = {"normal": [], "hard": []}
-    losses: list[float] = []
     started = time.time()
-    progress = tqdm(range(start, meta.iterations), desc="meta-train", initial=start, total=meta.iterations, dynamic_ncols=True)
+    progress = tqdm(range(start, meta.iterations), desc="meta-train", initial=start, total=meta.iterations, dynamic_ncols=True, disable=not is_main())
     for iteration in progress:
         lr_ss, lr_head = _learning_rates(config, iteration)
         optimizer.param_groups[0]["lr"], optimizer.param_groups[1]["lr"] = lr_ss, lr_head
         kind = hard.next_kind(iteration)
         tasks = hard.sample(kind, sampler, meta.n_tasks)
-        episode = gather_episode(train.images, tasks)
+        episode = gather_episode(train.images, _task_slice(tasks, shard))
         loss, accuracy, class_loss = meta_batch_loss(backbone, head_weight, head_bias, episode, config, device, train.mean, train.std)
-        if not torch.isfinite(loss):
+        loss_value = all_reduce_sum(loss.detach()).item() / world_size()  # every rank checks the same value
+        if not np.isfinite(loss_value):
             raise FloatingPointError(
-                f"meta-train loss became {loss.item()} at iteration {iteration}; {last_stem} holds the last good state. "
+                f"meta-train loss became {loss_value} at iteration {iteration}; {last_stem} holds the last good state. "
                 "Lower meta_train.lr_ss / lr_head or base_learner.lr."
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        all_reduce_gradients([*trainable, head_weight, head_bias])
         optimizer.step()
+        accuracy, class_loss = all_gather(accuracy), all_gather(class_loss)  # (T, N): every task, in order
         hard.observe(kind, tasks, accuracy, class_loss)
         window[kind].append(accuracy.mean().item())
-        losses.append(loss.item())
+        losses.append(loss_value)
         done = iteration + 1
         if done % 50 == 0 or done == meta.iterations:
             record = {"loss": float(np.mean(losses)), "lr_ss": lr_ss, "lr_head": lr_head}
@@ -201,11 +227,10 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
             validate(done)
         if done % config.checkpoint_every == 0 or done == meta.iterations:
             save_last(done)
-    names = train.class_names
-    hard_counts = {names[c]: n for c, n in hard.failure_counts.most_common()}
-    write_json(run_dir / "meta_train" / "hard_classes.json", hard_counts)
+    write_hard_classes()
     summary = {"best_val_accuracy": best_accuracy, "seconds": round(time.time() - started, 1), "iterations": meta.iterations}
     log(f"meta-train done: best val {best_accuracy:.2f}% ({meta.n_way}-way {meta.n_shot}-shot), {summary['seconds']:.0f} s")
     metrics.close()
+    barrier()  # the other ranks wait until rank 0 has written meta_train/best
     return summary
 

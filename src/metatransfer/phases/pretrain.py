@@ -3,7 +3,9 @@
 The classifier head is dropped afterwards; the checkpoint kept (`pretrain/best`) is the epoch whose
 features give the best few-shot accuracy on validation episodes (a fresh FC fine-tuned on frozen
 features), as the PyTorch port selects it. Batches and augmentation draw from generators seeded
-by (seed, epoch), and a mid-epoch checkpoint stores their state, so a resumed run replays exactly.
+by (seed, epoch), and a mid-epoch checkpoint stores their state (and the epoch's running loss and
+accuracy), so a resumed run replays exactly. Under torchrun every rank draws and augments the same
+global batch, trains on its equal slice and averages gradients; BatchNorm statistics are per rank.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tqdm import tqdm
 from metatransfer.config import Config
 from metatransfer.data.augment import augment_batch, to_float
 from metatransfer.data.cache import load_split
+from metatransfer.distributed import all_reduce_gradients, all_reduce_sum, barrier, is_main, rank_slice
 from metatransfer.phases.features import backbone_meta, build_backbone
 from metatransfer.phases.meta_test import evaluate_split
 from metatransfer.run import (
@@ -44,6 +47,7 @@ def learning_rate(config: Config, epoch: int, step: int, steps_per_epoch: int) -
 def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     """Pre-train on the train split; writes `pretrain/best` (by validation) and `pretrain/last`."""
     pre = config.pretrain
+    log = log if is_main() else (lambda message: None)
     device = resolve_device(config.device)
     seed_everything(config.seed)
     train = load_split(config.data.root, config.data.name, "train")
@@ -58,13 +62,17 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     steps_per_epoch = len(train.labels) // pre.batch_size  # drop the ragged last batch: BN dislikes tiny ones
     if steps_per_epoch == 0:
         raise ValueError(f"The train split has {len(train.labels)} images, fewer than one batch of {pre.batch_size}; lower pretrain.batch_size.")
+    shard = rank_slice(pre.batch_size, "pretrain.batch_size")  # this rank's part of each global batch
     model_meta = {**backbone_meta(config, backbone, in_chans), "num_classes": train.num_classes, "dataset": config.data.name}
-    metrics = MetricsLog(run_dir)
+    metrics = MetricsLog(run_dir, enabled=is_main(), name="pretrain")
     last_stem, best_stem = run_dir / "pretrain" / "last", run_dir / "pretrain" / "best"
     start_epoch, start_step, best_accuracy = 0, 0, -1.0
     generator_state = None
+    running = [0.0, 0, 0]  # the epoch so far: summed loss, correct predictions, images (all ranks)
 
     def save_last(epoch: int, step: int, generator: torch.Generator) -> None:
+        if not is_main():
+            return
         optim_tensors, optim_meta = optimizer_to_tensors(optimizer, "optimizer")
         tensors = {
             **{f"backbone.{k}": v for k, v in backbone.state_dict().items()},
@@ -72,7 +80,8 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
             **optim_tensors, "rng.torch": torch.get_rng_state(), "rng.augment": generator.get_state(),
         }
         save_checkpoint(last_stem, tensors, {**model_meta, "epoch": epoch, "step": step, "best_accuracy": best_accuracy,
-                                             "optimizer": optim_meta, "complete": epoch >= pre.epochs})
+                                             "optimizer": optim_meta, "running": running if step else [0.0, 0, 0],
+                                             "complete": epoch >= pre.epochs})
 
     if checkpoint_exists(last_stem):  # resume where the last checkpoint left off
         tensors, saved = load_checkpoint(last_stem, expect=model_meta)
@@ -82,10 +91,13 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         torch.set_rng_state(tensors["rng.torch"])
         generator_state = tensors["rng.augment"]
         start_epoch, start_step, best_accuracy = saved["epoch"], saved["step"], saved["best_accuracy"]
+        running = list(saved.get("running", running))
         if start_epoch >= pre.epochs:
             log(f"pre-train already complete in {run_dir} (best val {best_accuracy:.2f}%).")
+            barrier()
             return {"best_val_accuracy": best_accuracy}
         log(f"resuming pre-train at epoch {start_epoch}, step {start_step}")
+    metrics.rewind(["pretrain"], start_epoch if checkpoint_exists(last_stem) else -1)
 
     started = time.time()
     for epoch in range(start_epoch, pre.epochs):
@@ -96,8 +108,10 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         first_step = start_step if epoch == start_epoch else 0
         if first_step and generator_state is not None:
             generator.set_state(generator_state)
-        total_loss, total_correct, seen = 0.0, 0, 0
-        progress = tqdm(range(first_step, steps_per_epoch), desc=f"pre-train {epoch + 1}/{pre.epochs}", leave=False, dynamic_ncols=True)
+        if not first_step:
+            running = [0.0, 0, 0]
+        progress = tqdm(range(first_step, steps_per_epoch), desc=f"pre-train {epoch + 1}/{pre.epochs}", initial=first_step,
+                        total=steps_per_epoch, leave=False, dynamic_ncols=True, disable=not is_main())
         for step in progress:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, epoch, step, steps_per_epoch)
@@ -106,24 +120,27 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
             x = augment_batch(x, kind=config.data.augment, padding=config.data.crop_padding, flip=config.data.hflip,
                               jitter=config.data.color_jitter, generator=generator)
             y = torch.from_numpy(train.labels[index]).to(device)
+            x, y = x[shard], y[shard]  # every rank augmented the whole batch: the same draws as one process
             with autocast(device, config.amp):
                 logits = head(backbone(x)).float()
             loss = F.cross_entropy(logits, y, label_smoothing=pre.label_smoothing)
-            if not torch.isfinite(loss):
+            batch_loss, batch_correct, batch_seen = all_reduce_sum(
+                torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float(), torch.tensor(float(len(y)), device=device)])
+            ).tolist()
+            if not math.isfinite(batch_loss):  # the summed loss: every rank stops together
                 raise FloatingPointError(
-                    f"pre-train loss became {loss.item()} at epoch {epoch}, step {step}; {last_stem} holds the last good state. "
+                    f"pre-train loss became {batch_loss / batch_seen} at epoch {epoch}, step {step}; {last_stem} holds the last good state. "
                     "Lower pretrain.lr or turn off amp."
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            all_reduce_gradients(parameters)
             optimizer.step()
-            total_loss += loss.item() * len(y)
-            total_correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-            progress.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100 * total_correct / seen:.1f}")
+            running = [running[0] + batch_loss, running[1] + int(batch_correct), running[2] + int(batch_seen)]
+            progress.set_postfix(loss=f"{running[0] / running[2]:.3f}", acc=f"{100 * running[1] / running[2]:.1f}")
             if (step + 1) % config.checkpoint_every == 0 and step + 1 < steps_per_epoch:
                 save_last(epoch, step + 1, generator)
-        record: dict[str, Any] = {"loss": total_loss / max(seen, 1), "train_accuracy": 100 * total_correct / max(seen, 1),
+        record: dict[str, Any] = {"loss": running[0] / max(running[2], 1), "train_accuracy": 100 * running[1] / max(running[2], 1),
                                   "lr": optimizer.param_groups[0]["lr"], "epoch": epoch + 1}
         if (epoch + 1) % pre.val_every == 0 or epoch + 1 == pre.epochs:
             result = evaluate_split(
@@ -133,13 +150,15 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
             record.update(val_accuracy=result["accuracy"], val_ci95=result["ci95"])
             if result["accuracy"] > best_accuracy:
                 best_accuracy = result["accuracy"]
-                save_checkpoint(best_stem, {f"backbone.{k}": v for k, v in backbone.state_dict().items()},
-                                {**model_meta, "epoch": epoch + 1, "val_accuracy": best_accuracy, "val_ci95": result["ci95"]})
+                if is_main():
+                    save_checkpoint(best_stem, {f"backbone.{k}": v for k, v in backbone.state_dict().items()},
+                                    {**model_meta, "epoch": epoch + 1, "val_accuracy": best_accuracy, "val_ci95": result["ci95"]})
         metrics.log("pretrain", epoch + 1, **record)
         val_text = f", val {record['val_accuracy']:.2f} +- {record['val_ci95']:.2f}%" if "val_accuracy" in record else ""
         log(f"pre-train epoch {epoch + 1}/{pre.epochs}: loss {record['loss']:.3f}, train acc {record['train_accuracy']:.1f}%{val_text}")
         save_last(epoch + 1, 0, generator)
     metrics.close()
+    barrier()  # the other ranks wait until rank 0 has written pretrain/best
     summary = {"best_val_accuracy": best_accuracy, "seconds": round(time.time() - started, 1)}
     log(f"pre-train done: best val {best_accuracy:.2f}% (5-way {pre.val_shot}-shot), {summary['seconds']:.0f} s")
     return summary
