@@ -161,3 +161,9 @@ def test_text_overrides_keep_their_raw_text():
     config = load_config(None, ["data.root=/data/a,b", "data.name=on"])
     assert config.data.root == "/data/a,b"
     assert config.data.name == "on"
+
+
+@pytest.mark.parametrize("override", ["meta_train.lr_head=1e38", "pretrain.lr=0", "base_learner.lr=-0.1"])
+def test_absurd_learning_rates_are_refused(override):
+    with pytest.raises(ValueError, match="learning rate"):
+        load_config(None, [override])

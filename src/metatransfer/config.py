@@ -208,6 +208,8 @@ def _apply(target: Any, values: dict[str, Any], prefix: str = "") -> None:
             _apply(current, value, f"{dotted}.")
             continue
         value = _coerce(value, hints[key], dotted)
+        if key.startswith("lr") and key not in ("lr_step", "lr_decay_every", "lr_gamma") and not 0 < value <= 100:
+            raise ValueError(f"Config key {dotted} is a learning rate and must be in (0, 100]; got {value!r}.")
         if dotted in _CHOICES and value not in _CHOICES[dotted]:
             raise ValueError(f"Config key {dotted} must be one of {', '.join(_CHOICES[dotted])}; got {value!r}.")
         setattr(target, key, value)
