@@ -78,10 +78,18 @@ def test_nan_loss_stops_pretrain_with_a_message_and_keeps_the_pre_nan_checkpoint
     assert _no_temp_files(poisoned)
 
 
-def test_exploding_meta_train_stops_with_a_message_and_a_loadable_checkpoint(fc100_small, tmp_path, capsys):
+def test_exploding_meta_train_stops_with_a_message_and_a_loadable_checkpoint(fc100_small, tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "run"
-    assert main(["pretrain", *_args(fc100_small, run_dir, "meta_train.lr_ss=1e30", "checkpoint_every=1")]) == 0
-    assert main(["meta-train", *_args(fc100_small, run_dir, "meta_train.lr_ss=1e30", "checkpoint_every=1")]) == 2
+    assert main(["pretrain", *_args(fc100_small, run_dir, "checkpoint_every=1")]) == 0
+    real_loss, calls = meta_train.meta_batch_loss, []
+
+    def loss_that_explodes_at_the_fourth_meta_batch(*args, **kwargs):
+        loss, accuracy, class_loss = real_loss(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) >= 4 else loss), accuracy, class_loss
+
+    monkeypatch.setattr(meta_train, "meta_batch_loss", loss_that_explodes_at_the_fourth_meta_batch)
+    assert main(["meta-train", *_args(fc100_small, run_dir, "checkpoint_every=1")]) == 2
     error = capsys.readouterr().err
     assert re.search(r"mtl: error: meta-train loss became (nan|inf) at iteration \d+; .*last holds the last good state", error), error
     iteration = int(re.search(r"at iteration (\d+)", error).group(1))
