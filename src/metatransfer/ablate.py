@@ -22,7 +22,7 @@ from metatransfer.config import Config, config_to_dict
 from metatransfer.phases import meta_test, meta_train, pretrain
 from metatransfer.run import checkpoint_exists, prepare_run_dir, write_json
 
-__all__ = ["ROWS", "run_ablation", "summarise", "write_table"]
+__all__ = ["ROWS", "run_ablation", "collect_records", "summarise", "write_table", "convergence_curves"]
 
 # name -> (model.adapt, hard tasks on?, meta-trained?)
 ROWS: dict[str, tuple[str, bool, bool]] = {
@@ -81,6 +81,22 @@ def run_ablation(
                 result = meta_test.run(config, run_dir, log=log)[0]
                 records.append({"row": row, "shot": shot, "seed": seed, "run_dir": str(run_dir), **result})
     write_json(out / "ablation.json", {"config": config_to_dict(base), "records": records})
+    return records
+
+
+def collect_records(out: Path) -> list[dict[str, Any]]:
+    """Records of the runs under `out` that reached meta-test, for a table of an unfinished ablation."""
+    by_slug = {_slug(row): row for row in ROWS}
+    records = []
+    for results_path in sorted(out.glob("*-*shot-seed*/results.json")):
+        run_dir = results_path.parent
+        slug, rest = run_dir.name.rsplit("-", 2)[0], run_dir.name.rsplit("-", 2)[1:]
+        if slug not in by_slug:
+            continue
+        shot, seed = int(rest[0].removesuffix("shot")), int(rest[1].removeprefix("seed"))
+        for result in json.loads(results_path.read_text()):
+            if result["shot"] == shot and result["way"] == 5:
+                records.append({"row": by_slug[slug], "shot": shot, "seed": seed, "run_dir": str(run_dir), **result})
     return records
 
 
