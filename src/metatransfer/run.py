@@ -37,6 +37,7 @@ __all__ = [
     "resolve_device",
     "autocast",
     "seed_everything",
+    "tensors_under",
     "optimizer_to_tensors",
     "optimizer_from_tensors",
     "write_json",
@@ -146,6 +147,11 @@ def load_checkpoint(stem: Path, *, expect: dict[str, Any] | None = None) -> tupl
     except Exception as error:  # safetensors raises its own error types
         raise ValueError(f"Checkpoint {tensors_path} cannot be read: {error}") from None
     return tensors, meta
+
+
+def tensors_under(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint saved as `prefix.<name>`, keyed by `<name>` (e.g. a module's state)."""
+    return {key.removeprefix(f"{prefix}."): value for key, value in tensors.items() if key.startswith(f"{prefix}.")}
 
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -18,9 +18,18 @@ import torch.nn as nn
 from metatransfer.config import Config
 from metatransfer.data.augment import to_float
 from metatransfer.models.backbones import create_backbone
-from metatransfer.run import autocast
+from metatransfer.data.cache import ImageSplit, load_split
+from metatransfer.run import autocast, resolve_device, seed_everything
 
-__all__ = ["build_backbone", "backbone_meta", "extract_features", "batch_statistics", "forward_images"]
+__all__ = ["start_phase", "build_backbone", "backbone_meta", "extract_features", "batch_statistics", "forward_images"]
+
+
+def start_phase(config: Config) -> tuple[torch.device, ImageSplit, ImageSplit]:
+    """Device, seeded RNGs, and the train and val splits that every training phase starts from."""
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    train = load_split(config.data.root, config.data.name, "train")
+    return device, train, load_split(config.data.root, config.data.name, "val")
 
 
 def build_backbone(config: Config, in_chans: int) -> nn.Module:

@@ -24,7 +24,7 @@ from metatransfer.models.fuse import inference_copy
 from metatransfer.models.head import adapt_head, expand_head, head_logits
 from metatransfer.models.scale_shift import apply_scale_shift, fold_scale_shift
 from metatransfer.phases.features import batch_statistics, build_backbone, extract_features, forward_images
-from metatransfer.run import load_checkpoint, checkpoint_exists, resolve_device, write_json
+from metatransfer.run import checkpoint_exists, load_checkpoint, resolve_device, tensors_under, write_json
 
 __all__ = ["confidence_interval", "evaluate_features", "load_meta_model", "evaluate_split", "run"]
 
@@ -105,12 +105,12 @@ def load_meta_model(run_dir: Path, config: Config, in_chans: int, device: torch.
         tensors, meta = load_checkpoint(meta_stem, expect={**expect, "adapt": config.model.adapt})
         if meta["adapt"] == "ss":
             apply_scale_shift(backbone, mode=meta["ss_mode"], include_shortcuts=meta["ss_shortcuts"])
-        backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")})
+        backbone.load_state_dict(tensors_under(tensors, "backbone"))
         fold_scale_shift(backbone)
         weight, bias, source = tensors["head.weight"], tensors["head.bias"], "meta_train/best"
     elif checkpoint_exists(pre_stem):
         tensors, meta = load_checkpoint(pre_stem, expect=expect)
-        backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")})
+        backbone.load_state_dict(tensors_under(tensors, "backbone"))
         weight, bias = torch.zeros(config.meta_train.n_way, backbone.out_features), torch.zeros(config.meta_train.n_way)
         source = "pretrain/best (no meta-training)"
     else:

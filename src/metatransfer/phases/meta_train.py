@@ -22,17 +22,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from metatransfer.config import Config
-from metatransfer.data.cache import load_split
 from metatransfer.data.episodes import Episode, TaskIndices, TaskSampler, gather_episode
 from metatransfer.distributed import all_gather, all_reduce_gradients, all_reduce_sum, barrier, is_main, rank_slice, world_size
 from metatransfer.models.head import adapt_head, expand_head, head_logits, init_head_weight, per_class_accuracy
 from metatransfer.models.scale_shift import apply_scale_shift, scale_shift_parameters
-from metatransfer.phases.features import backbone_meta, batch_statistics, build_backbone, forward_images
+from metatransfer.phases.features import backbone_meta, batch_statistics, build_backbone, forward_images, start_phase
 from metatransfer.phases.hard_tasks import HardTaskScheduler
 from metatransfer.phases.meta_test import evaluate_split
 from metatransfer.run import (
     MetricsLog, checkpoint_exists, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
-    resolve_device, save_checkpoint, seed_everything, write_json,
+    save_checkpoint, tensors_under, write_json,
 )
 
 __all__ = ["prepare_meta_model", "meta_batch_loss", "run"]
@@ -45,7 +44,7 @@ def prepare_meta_model(config: Config, run_dir: Path, in_chans: int) -> tuple[nn
         raise FileNotFoundError(f"{stem}.json is missing: meta-transfer starts from a pre-trained backbone; run `mtl pretrain --out {run_dir}` first.")
     backbone = build_backbone(config, in_chans)
     tensors, _ = load_checkpoint(stem, expect=backbone_meta(config, backbone, in_chans))
-    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")})
+    backbone.load_state_dict(tensors_under(tensors, "backbone"))
     for parameter in backbone.parameters():
         parameter.requires_grad_(False)
     if config.model.adapt == "ss":
@@ -108,10 +107,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     """Meta-train from `pretrain/best`; writes `meta_train/best` (by validation) and `meta_train/last`."""
     meta = config.meta_train
     log = log if is_main() else (lambda message: None)
-    device = resolve_device(config.device)
-    seed_everything(config.seed)
-    train = load_split(config.data.root, config.data.name, "train")
-    val = load_split(config.data.root, config.data.name, "val")
+    device, train, val = start_phase(config)
     in_chans = train.images.shape[-1]
     backbone, trainable = prepare_meta_model(config, run_dir, in_chans)
     backbone.to(device).eval()  # eval: BN at running statistics and no dropout, whatever bn_mode
@@ -156,7 +152,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
 
     if checkpoint_exists(last_stem):  # resume
         tensors, saved = load_checkpoint(last_stem, expect=model_meta)
-        backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")})
+        backbone.load_state_dict(tensors_under(tensors, "backbone"))
         with torch.no_grad():
             head_weight.copy_(tensors["head.weight"])
             head_bias.copy_(tensors["head.bias"])

@@ -23,13 +23,12 @@ from tqdm import tqdm
 
 from metatransfer.config import Config
 from metatransfer.data.augment import augment_batch, to_float
-from metatransfer.data.cache import load_split
 from metatransfer.distributed import all_reduce_gradients, all_reduce_sum, barrier, is_main, rank_slice
-from metatransfer.phases.features import backbone_meta, build_backbone
+from metatransfer.phases.features import backbone_meta, build_backbone, start_phase
 from metatransfer.phases.meta_test import evaluate_split
 from metatransfer.run import (
     MetricsLog, autocast, checkpoint_exists, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
-    resolve_device, save_checkpoint, seed_everything,
+    save_checkpoint, tensors_under,
 )
 
 __all__ = ["learning_rate", "run"]
@@ -48,10 +47,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     """Pre-train on the train split; writes `pretrain/best` (by validation) and `pretrain/last`."""
     pre = config.pretrain
     log = log if is_main() else (lambda message: None)
-    device = resolve_device(config.device)
-    seed_everything(config.seed)
-    train = load_split(config.data.root, config.data.name, "train")
-    val = load_split(config.data.root, config.data.name, "val")
+    device, train, val = start_phase(config)
     in_chans = train.images.shape[-1]
     backbone = build_backbone(config, in_chans).to(device)
     head = nn.Linear(backbone.out_features, train.num_classes).to(device)
@@ -85,8 +81,8 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
 
     if checkpoint_exists(last_stem):  # resume where the last checkpoint left off
         tensors, saved = load_checkpoint(last_stem, expect=model_meta)
-        backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")})
-        head.load_state_dict({k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")})
+        backbone.load_state_dict(tensors_under(tensors, "backbone"))
+        head.load_state_dict(tensors_under(tensors, "head"))
         optimizer_from_tensors(optimizer, tensors, saved["optimizer"], "optimizer")
         torch.set_rng_state(tensors["rng.torch"])
         generator_state = tensors["rng.augment"]
