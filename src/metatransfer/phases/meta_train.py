@@ -61,6 +61,13 @@ def _task_features(backbone: nn.Module, episode: Episode, config: Config, device
     """(T, N*K, D) support and (T, N*Q, D) query features of a meta-batch."""
     options = dict(mean=mean, std=std, device=device, amp=config.amp, channels_last=config.channels_last)
     T, n_support = episode.support_labels.shape
+    if config.model.bn_mode == "frozen" and config.meta_train.first_order:
+        # First order gives the support features no gradient: forwarding them without a graph means
+        # the backward (2x a forward) runs over the N*Q query images only, not all N*(K+Q).
+        with torch.no_grad():
+            support = forward_images(backbone, episode.support_images.flatten(0, 1), **options)
+        query = forward_images(backbone, episode.query_images.flatten(0, 1), **options)
+        return support.view(T, n_support, -1), query.view(T, -1, query.shape[-1])
     if config.model.bn_mode == "frozen":  # one forward for the whole meta-batch
         images = torch.cat([episode.support_images.flatten(0, 1), episode.query_images.flatten(0, 1)])
         features = forward_images(backbone, images, **options)
