@@ -12,7 +12,11 @@ from metatransfer.config import Config
 from metatransfer.data.episodes import Episode
 from metatransfer.models.backbones import create_backbone
 from metatransfer.models.head import adapt_head, expand_head, head_logits
-from metatransfer.models.scale_shift import ScaleShiftConv2d, apply_scale_shift, scale_shift_parameters
+from metatransfer.models.scale_shift import (
+    ScaleShiftConv2d,
+    apply_scale_shift,
+    scale_shift_parameters,
+)
 from metatransfer.phases.features import forward_images
 from metatransfer.phases.meta_train import meta_batch_loss
 
@@ -29,7 +33,7 @@ def _setup(n_tasks: int = 2, n_way: int = 3, n_shot: int = 2, n_query: int = 4):
     with torch.no_grad():  # move SS off its identity so its gradients are not degenerate
         for parameter in scale_shift_parameters(backbone):
             parameter.add_(0.1 * torch.randn_like(parameter))
-    labels = lambda k: torch.arange(n_way).repeat_interleave(k).expand(n_tasks, -1).clone()  # noqa: E731
+    labels = lambda k: torch.arange(n_way).repeat_interleave(k).expand(n_tasks, -1).clone()
     episode = Episode(
         support_images=torch.randint(0, 256, (n_tasks, n_way * n_shot, 16, 16, 3), dtype=torch.uint8),
         support_labels=labels(n_shot),
