@@ -1,6 +1,8 @@
 import json
 
-from metatransfer.ablate import collect_records, summarise, write_table
+import pytest
+
+from metatransfer.ablate import checkpoints_of, collect_records, summarise, write_table
 
 
 def _result(shot: int, accuracy: float) -> dict:
@@ -22,3 +24,30 @@ def test_an_unfinished_ablation_is_summarised_from_the_runs_that_reached_meta_te
     assert table[("SS, no HT", 1)]["accuracy"] == 58.0
     text = write_table(records, tmp_path / "ablation.md", title="t")
     assert "| SS + HT | 61.00 +- 0.50 [1.41, 2 seeds] |" in text and "FT, no HT" not in text
+
+
+def test_rows_are_tabled_with_the_best_and_the_last_checkpoint(tmp_path):
+    records = [
+        {"row": "pre-trained, FC at test only", "shot": 1, "seed": 0, "checkpoint": "best", **_result(1, 50.0)},
+        {"row": "SS + HT", "shot": 1, "seed": 0, "checkpoint": "best", **_result(1, 50.0)},
+        {"row": "SS + HT", "shot": 1, "seed": 0, "checkpoint": "last", **_result(1, 47.0)},
+        {"row": "FT + HT", "shot": 1, "seed": 0, "checkpoint": "best", **_result(1, 50.0)},
+        {"row": "FT + HT", "shot": 1, "seed": 0, "checkpoint": "last", **_result(1, 30.0)},
+    ]
+    assert checkpoints_of(records) == ["best", "last"] and checkpoints_of(records[:2]) == ["best"]
+    last = summarise(records, "last")
+    assert last[("SS + HT", 1)]["accuracy"] == 47.0 and last[("FT + HT", 1)]["accuracy"] == 30.0
+    assert last[("pre-trained, FC at test only", 1)]["accuracy"] == 50.0  # one model, counted under both
+    text = write_table(records, tmp_path / "ablation.md", title="t")
+    assert "| row | 1-shot, best val | 1-shot, last |" in text
+    assert "| FT + HT | 50.00 +- 0.50 | 30.00 +- 0.50 |" in text
+
+
+def test_ablation_plot_draws_both_checkpoints(tmp_path):
+    pytest.importorskip("matplotlib")
+    from metatransfer.plots import plot_ablation
+
+    tables = {"best": {("SS + HT", 1): {"accuracy": 50.0, "ci95": 0.5}, ("SS + HT", 5): {"accuracy": 60.0, "ci95": 0.5}},
+              "last": {("SS + HT", 1): {"accuracy": 47.0, "ci95": 0.5}}}
+    plot_ablation(tables, ["SS + HT", "FT + HT"], tmp_path / "ablation.png", title="t")
+    assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from metatransfer.config import load_config
+from metatransfer.config import config_to_dict, load_config
 from metatransfer.run import (
     CHECKPOINT_FORMAT,
     MetricsLog,
@@ -169,6 +169,16 @@ def test_prepare_run_dir_refuses_a_different_config(tmp_path):
     with pytest.raises(ValueError, match="meta_train.iterations"):
         prepare_run_dir(tmp_path, load_config("smoke", ["meta_train.iterations=3"]))
     assert read_run_config(tmp_path) == load_config("smoke")  # untouched
+
+
+def test_prepare_run_dir_reads_a_run_written_before_a_setting_existed(tmp_path):
+    config = load_config("smoke")
+    older = config_to_dict(config)
+    del older["meta_test"]["checkpoint"]  # a key added after this run was made: it reads at its default
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
+    prepare_run_dir(tmp_path, config)
+    with pytest.raises(ValueError, match="meta_test.checkpoint"):
+        prepare_run_dir(tmp_path, load_config("smoke", ["meta_test.checkpoint=last"]))
 
 
 def test_read_run_config_of_a_plain_folder_fails(tmp_path):

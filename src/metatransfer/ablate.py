@@ -22,7 +22,7 @@ from metatransfer.config import Config, config_to_dict
 from metatransfer.phases import meta_test, meta_train, pretrain
 from metatransfer.run import checkpoint_exists, prepare_run_dir, write_json
 
-__all__ = ["ROWS", "run_ablation", "collect_records", "summarise", "write_table", "convergence_curves"]
+__all__ = ["ROWS", "run_ablation", "collect_records", "summarise", "checkpoints_of", "write_table", "convergence_curves"]
 
 # name -> (model.adapt, hard tasks on?, meta-trained?)
 ROWS: dict[str, tuple[str, bool, bool]] = {
@@ -78,8 +78,12 @@ def run_ablation(
                 log(f"ablation: {row}, {shot}-shot, seed {seed} -> {run_dir}")
                 if trained:
                     meta_train.run(config, run_dir, log=log)
-                result = meta_test.run(config, run_dir, log=log)[0]
-                records.append({"row": row, "shot": shot, "seed": seed, "run_dir": str(run_dir), **result})
+                # A meta-trained row is scored twice: with the checkpoint validation picked, and with
+                # the last one, which shows what meta-training did even where validation kept iteration 0.
+                for checkpoint in ("best", "last") if trained else ("best",):
+                    config.meta_test = replace(config.meta_test, checkpoint=checkpoint)
+                    result = meta_test.run(config, run_dir, log=log)[0]
+                    records.append({"row": row, "shot": shot, "seed": seed, "run_dir": str(run_dir), **result})
     write_json(out / "ablation.json", {"config": config_to_dict(base), "records": records})
     return records
 
@@ -96,32 +100,49 @@ def collect_records(out: Path) -> list[dict[str, Any]]:
         shot, seed = int(rest[0].removesuffix("shot")), int(rest[1].removeprefix("seed"))
         for result in json.loads(results_path.read_text()):
             if result["shot"] == shot and result["way"] == 5:
-                records.append({"row": by_slug[slug], "shot": shot, "seed": seed, "run_dir": str(run_dir), **result})
+                records.append({"row": by_slug[slug], "shot": shot, "seed": seed, "run_dir": str(run_dir), "checkpoint": "best", **result})
     return records
 
 
-def summarise(records: Sequence[dict[str, Any]]) -> dict[tuple[str, int], dict[str, float]]:
-    """Per (row, shot): mean accuracy and CI over seeds (CI averaged), spread across seeds."""
+def summarise(records: Sequence[dict[str, Any]], checkpoint: str = "best") -> dict[tuple[str, int], dict[str, float]]:
+    """Per (row, shot): mean accuracy and CI over seeds (CI averaged), spread across seeds.
+
+    `checkpoint` picks the meta-trained rows' model (best by validation, or last); the row without
+    meta-training has one model, counted under both.
+    """
+    chosen = [r for r in records if r.get("checkpoint", "best") == checkpoint or not ROWS[r["row"]][2]]
     table: dict[tuple[str, int], dict[str, float]] = {}
-    for key in {(r["row"], r["shot"]) for r in records}:
-        group = [r for r in records if (r["row"], r["shot"]) == key]
+    for key in {(r["row"], r["shot"]) for r in chosen}:
+        group = [r for r in chosen if (r["row"], r["shot"]) == key]
         accuracies = np.array([r["accuracy"] for r in group])
         table[key] = {"accuracy": float(accuracies.mean()), "ci95": float(np.mean([r["ci95"] for r in group])),
                       "seed_std": float(accuracies.std(ddof=1)) if len(group) > 1 else 0.0, "seeds": len(group)}
     return table
 
 
+def checkpoints_of(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The checkpoints the records were scored with: ["best"], or ["best", "last"]."""
+    return ["best"] + (["last"] if any(r.get("checkpoint") == "last" for r in records) else [])
+
+
 def write_table(records: Sequence[dict[str, Any]], path: Path, *, title: str) -> str:
-    table = summarise(records)
-    shots = sorted({shot for _, shot in table})
+    checkpoints = checkpoints_of(records)
+    tables = {checkpoint: summarise(records, checkpoint) for checkpoint in checkpoints}
+    shots = sorted({shot for _, shot in tables["best"]})
+    columns = [(shot, checkpoint) for shot in shots for checkpoint in checkpoints]
+    label = {"best": "best val", "last": "last"}
     episodes = records[0]["episodes"] if records else 0
     lines = [f"# {title}", "", f"Accuracy in % on {episodes} seeded test episodes per run (mean +- 95% CI; "
-             "with several seeds: mean over seeds, mean CI, and the std across seeds in brackets).", "",
-             "| row | " + " | ".join(f"{s}-shot" for s in shots) + " |", "|---|" + "---|" * len(shots)]
+             "with several seeds: mean over seeds, mean CI, and the std across seeds in brackets)."]
+    if len(checkpoints) > 1:
+        lines += ["'best val': the meta-train checkpoint with the best validation accuracy (iteration 0, "
+                  "the pre-trained backbone, counts); 'last': the checkpoint after the final meta-iteration."]
+    lines += ["", "| row | " + " | ".join(f"{shot}-shot" + (f", {label[c]}" if len(checkpoints) > 1 else "") for shot, c in columns) + " |",
+              "|---|" + "---|" * len(columns)]
     for row in ROWS:
         cells = []
-        for shot in shots:
-            entry = table.get((row, shot))
+        for shot, checkpoint in columns:
+            entry = tables[checkpoint].get((row, shot))
             if entry is None:
                 cells.append("-")
             else:

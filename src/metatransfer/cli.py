@@ -5,6 +5,7 @@
     mtl run --resume runs/fc100          (after a kill: continue from the last checkpoints)
     torchrun --nproc_per_node=4 -m metatransfer run --preset fc100 --out runs/fc100   (docs/distributed.md)
     mtl pretrain | meta-train | meta-test --preset P --out RUN [section.key=value ...]
+    mtl meta-test --resume RUN meta_test.checkpoint=last meta_test.n_way=5,20   (score a run another way)
     mtl predict --model RUN_OR_EXPORT --support SUPPORT_DIR --query QUERY_DIR [--out preds.csv]
     mtl export --model RUN --format safetensors|onnx|torchscript --out DIR
 """
@@ -84,13 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_for(args: argparse.Namespace):
-    from metatransfer.config import load_config
+    from metatransfer.config import apply_overrides, load_config
     from metatransfer.run import read_run_config
 
     if getattr(args, "resume", None):
-        if args.preset or args.overrides:
-            raise ValueError("--resume continues a run as it was configured; leave out --preset and overrides.")
-        return read_run_config(args.out)
+        # Scoring a finished run another way (more ways, the last checkpoint, ...) leaves its model alone.
+        rescoring = args.command == "meta-test" and all(text.startswith("meta_test.") for text in args.overrides)
+        if args.preset or (args.overrides and not rescoring):
+            raise ValueError("--resume continues a run as it was configured; leave out --preset and overrides "
+                             "(only `mtl meta-test --resume RUN` takes meta_test.* overrides).")
+        return apply_overrides(read_run_config(args.out), args.overrides)
     overrides = list(args.overrides)
     if args.data_root:
         overrides.insert(0, f"data.root={args.data_root}")
@@ -114,7 +118,7 @@ def _run_phases(args: argparse.Namespace, phases: Sequence[str]) -> None:
     config = _config_for(args)
     distributed.init_distributed(config.device)
     try:
-        if distributed.is_main():
+        if distributed.is_main() and not getattr(args, "resume", None):  # a resumed run has its config.yaml
             prepare_run_dir(args.out, config)
         distributed.barrier()
         modules = {"pretrain": pretrain, "meta-train": meta_train, "meta-test": meta_test}
@@ -148,7 +152,8 @@ def _ablate(args: argparse.Namespace) -> None:
     from metatransfer.plots import plot_ablation, plot_convergence
 
     try:
-        plot_ablation(ablate.summarise(records), list(ablate.ROWS), args.out / "ablation.png", title=title)
+        tables = {checkpoint: ablate.summarise(records, checkpoint) for checkpoint in ablate.checkpoints_of(records)}
+        plot_ablation(tables, list(ablate.ROWS), args.out / "ablation.png", title=title)
         for shot in shots:
             curves = ablate.convergence_curves(records, shot)
             plot_convergence(curves, args.out / f"convergence-{shot}shot.png", title=f"{config.data.name}, 5-way {shot}-shot: validation during meta-training")

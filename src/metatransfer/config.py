@@ -7,6 +7,7 @@ and values of the wrong type fail loudly, so a typo never silently trains the wr
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -117,6 +118,7 @@ class MetaTestConfig:
     protocol: str = "standard"  # standard | paper (K queries, support doubled by h-flip)
     split: str = "test"
     seed: int = 1  # episodes depend on this seed only: the same on every machine
+    checkpoint: str = "best"  # best (by validation) | last (after the final meta-iteration)
 
 
 @dataclass
@@ -143,6 +145,7 @@ _CHOICES = {
     "base_learner.init": ("kaiming", "xavier", "zeros"),
     "meta_test.protocol": ("standard", "paper"),
     "meta_test.split": ("train", "val", "test"),
+    "meta_test.checkpoint": ("best", "last"),
 }
 
 
@@ -258,12 +261,18 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
+    """A copy of `config` with `section.key=value` overrides applied in order."""
+    config = copy.deepcopy(config)
+    for text in overrides:
+        _apply(config, _parse_override(text))
+    return config
+
+
 def load_config(preset: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Defaults, then the preset's differences, then `section.key=value` overrides, in that order."""
     config = Config()
     if preset:
         _apply(config, _read_preset(preset))
-    for text in overrides:
-        _apply(config, _parse_override(text))
-    return config
+    return apply_overrides(config, overrides)
 

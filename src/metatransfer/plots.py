@@ -20,27 +20,36 @@ def _pyplot():
     return plt
 
 
-def plot_ablation(table: dict[tuple[str, int], dict[str, float]], rows: list[str], path: Path, *, title: str) -> None:
-    """Grouped bars: one group per shot, one bar per ablation row, 95% CI as error bars."""
+def plot_ablation(tables: dict[str, dict[tuple[str, int], dict[str, float]]], rows: list[str], path: Path, *, title: str) -> None:
+    """Grouped bars: one panel per shot, one group per ablation row, one bar per checkpoint kind
+    (`tables`: "best" and optionally "last", as `ablate.summarise` gives them), 95% CI as error bars."""
     plt = _pyplot()
-    shots = sorted({shot for _, shot in table})
-    rows = [row for row in rows if any((row, s) in table for s in shots)]
-    fig, axes = plt.subplots(1, len(shots), figsize=(5.5 * len(shots), 4.2), squeeze=False)
+    shots = sorted({shot for table in tables.values() for _, shot in table})
+    rows = [row for row in rows if any((row, s) in table for table in tables.values() for s in shots)]
+    labels = {"best": "checkpoint picked by validation", "last": "last checkpoint"}
+    width = 0.8 / len(tables)
+    fig, axes = plt.subplots(1, len(shots), figsize=(6 * len(shots), 4.6), squeeze=False)
     colours = plt.get_cmap("tab10").colors
     for ax, shot in zip(axes[0], shots):
-        values = [table.get((row, shot), {}).get("accuracy", np.nan) for row in rows]
-        errors = [table.get((row, shot), {}).get("ci95", 0.0) for row in rows]
-        bars = ax.bar(range(len(rows)), values, yerr=errors, capsize=4, color=colours[: len(rows)])
-        finite = [v for v in values if np.isfinite(v)]
+        finite = [t[(row, shot)]["accuracy"] for t in tables.values() for row in rows if (row, shot) in t]
         bottom = max(0.0, min(finite) - 8)
+        for index, (kind, table) in enumerate(tables.items()):
+            values = [table.get((row, shot), {}).get("accuracy", np.nan) for row in rows]
+            errors = [table.get((row, shot), {}).get("ci95", 0.0) for row in rows]
+            x = np.arange(len(rows)) + (index - (len(tables) - 1) / 2) * width
+            bars = ax.bar(x, values, width, yerr=errors, capsize=3, color=colours[index], label=labels.get(kind, kind))
+            for bar, value in zip(bars, values):  # inside the bar's foot, clear of the error bars
+                if np.isfinite(value):
+                    ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, bottom), ha="center", va="bottom",
+                                xytext=(0, 4), textcoords="offset points", fontsize=8, color="white", fontweight="bold",
+                                rotation=90 if len(tables) > 1 else 0)
         ax.set_ylim(bottom, min(100.0, max(finite) + 5))
-        for bar, value in zip(bars, values):  # inside the bar's foot, clear of the error bars
-            ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, bottom), ha="center", va="bottom",
-                        xytext=(0, 4), textcoords="offset points", fontsize=9, color="white", fontweight="bold")
         ax.set_xticks(range(len(rows)), rows, rotation=20, ha="right", fontsize=9)
         ax.set_ylabel("5-way test accuracy (%)")
         ax.set_title(f"{shot}-shot")
         ax.grid(axis="y", alpha=0.3)
+        if len(tables) > 1:
+            ax.legend(fontsize=8, loc="upper right")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

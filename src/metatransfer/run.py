@@ -184,7 +184,8 @@ def prepare_run_dir(run_dir: Path, config: Config) -> None:
     path = run_dir / "config.yaml"
     resolved = config_to_dict(config)
     if path.is_file():
-        existing = yaml.safe_load(path.read_text())
+        # Through the Config again, so a run written before a setting existed reads it at its default.
+        existing = config_to_dict(config_from_dict(yaml.safe_load(path.read_text()) or {}))
         if existing != resolved:
             changed = sorted(_diff_keys(existing, resolved))
             raise ValueError(

@@ -128,6 +128,22 @@ def test_meta_test_with_resume_reads_the_saved_config(smoke_run):
     assert json.loads((smoke_run / "results.json").read_text()) == before
 
 
+def test_meta_test_resume_rescores_with_the_last_checkpoint_beside_the_best(smoke_run, tmp_path, capsys):
+    run_dir = tmp_path / "rescored"
+    shutil.copytree(smoke_run, run_dir)
+    best = json.loads((run_dir / "results.json").read_text())
+    config_before = (run_dir / "config.yaml").read_text()
+    assert main(["meta-test", "--resume", str(run_dir), "meta_test.checkpoint=last", "meta_test.n_shot=1"]) == 0
+    assert "meta-test of meta_train/last" in capsys.readouterr().out
+    results = json.loads((run_dir / "results.json").read_text())
+    last = [r for r in results if r["checkpoint"] == "last"]
+    assert [r["shot"] for r in last] == [1] and all(r["model"] == "meta_train/last" for r in last)
+    assert [r for r in results if r.get("checkpoint", "best") == "best"] == best  # kept, not replaced
+    assert (run_dir / "meta_test" / "episodes-5way-1shot-standard-last.json").is_file()
+    assert (run_dir / "config.yaml").read_text() == config_before  # the run's own config stays as trained
+    assert main(["meta-test", "--resume", str(run_dir), "model.backbone=conv4"]) == 2  # not a meta_test.* key
+
+
 def test_run_again_on_a_complete_run_resumes_and_trains_nothing(smoke_run, fc100_small, capsys):
     checkpoints = {k: v for k, v in _files(smoke_run).items() if k.startswith(("pretrain", "meta_train"))}
     assert main(["run", *_run_args(fc100_small, smoke_run)]) == 0

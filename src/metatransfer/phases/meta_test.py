@@ -8,6 +8,7 @@ Episodes depend only on `meta_test.seed`, way and shot: every model is scored on
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -99,7 +100,7 @@ def load_meta_model(run_dir: Path, config: Config, in_chans: int, device: torch.
     """The meta-trained backbone (SS folded) and theta; without meta-training, the pre-trained
     backbone with a zero head (the paper's 'no meta-training' row). Returns a source label too."""
     backbone = build_backbone(config, in_chans)
-    meta_stem, pre_stem = run_dir / "meta_train" / "best", run_dir / "pretrain" / "best"
+    meta_stem, pre_stem = run_dir / "meta_train" / config.meta_test.checkpoint, run_dir / "pretrain" / "best"
     expect = {"backbone": config.model.backbone, "width": config.model.width, "in_chans": in_chans}
     if checkpoint_exists(meta_stem):
         tensors, meta = load_checkpoint(meta_stem, expect={**expect, "adapt": config.model.adapt})
@@ -107,14 +108,15 @@ def load_meta_model(run_dir: Path, config: Config, in_chans: int, device: torch.
             apply_scale_shift(backbone, mode=meta["ss_mode"], include_shortcuts=meta["ss_shortcuts"])
         backbone.load_state_dict(tensors_under(tensors, "backbone"))
         fold_scale_shift(backbone)
-        weight, bias, source = tensors["head.weight"], tensors["head.bias"], "meta_train/best"
+        weight, bias = tensors["head.weight"], tensors["head.bias"]
+        source = f"meta_train/{config.meta_test.checkpoint}"
     elif checkpoint_exists(pre_stem):
         tensors, meta = load_checkpoint(pre_stem, expect=expect)
         backbone.load_state_dict(tensors_under(tensors, "backbone"))
         weight, bias = torch.zeros(config.meta_train.n_way, backbone.out_features), torch.zeros(config.meta_train.n_way)
         source = "pretrain/best (no meta-training)"
     else:
-        raise FileNotFoundError(f"{run_dir} has no meta_train/best nor pretrain/best checkpoint; run `mtl pretrain` (and `mtl meta-train`) first.")
+        raise FileNotFoundError(f"{run_dir} has no meta_train/{config.meta_test.checkpoint} nor pretrain/best checkpoint; run `mtl pretrain` (and `mtl meta-train`) first.")
     backbone.to(device)
     if config.channels_last:
         backbone.to(memory_format=torch.channels_last)
@@ -181,16 +183,18 @@ def run(config: Config, run_dir: Path, *, log=print) -> list[dict[str, Any]]:
         episodes=test.episodes, n_query=test.n_query, protocol=test.protocol, seed=test.seed,
     )
     for result in results:
-        result["model"] = source
-        name = f"{result['way']}way-{result['shot']}shot-{result['protocol']}"
+        result["model"], result["checkpoint"] = source, test.checkpoint
+        name = f"{result['way']}way-{result['shot']}shot-{result['protocol']}" + ("-last" if test.checkpoint == "last" else "")
         write_json(run_dir / "meta_test" / f"episodes-{name}.json", {"per_episode_accuracy": result.pop("per_episode")})
+
+    def key(result: dict[str, Any]) -> tuple:  # a new result replaces the old one of the same setting
+        return result["split"], result["way"], result["shot"], result["protocol"], result.get("checkpoint", "best")
+
     previous = []
     results_path = run_dir / "results.json"
     if results_path.is_file():
-        import json
-
-        keys = {(r["split"], r["way"], r["shot"], r["protocol"]) for r in results}
-        previous = [r for r in json.loads(results_path.read_text()) if (r["split"], r["way"], r["shot"], r["protocol"]) not in keys]
+        keys = {key(r) for r in results}
+        previous = [r for r in json.loads(results_path.read_text()) if key(r) not in keys]
     write_json(results_path, previous + results)
     log(f"meta-test of {source} on {split.dataset}/{split.split}:")
     log(format_table(results))
