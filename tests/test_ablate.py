@@ -51,3 +51,24 @@ def test_ablation_plot_draws_both_checkpoints(tmp_path):
               "last": {("SS + HT", 1): {"accuracy": 47.0, "ci95": 0.5}}}
     plot_ablation(tables, ["SS + HT", "FT + HT"], tmp_path / "ablation.png", title="t")
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mtl_ablate_end_to_end_writes_the_table_and_the_plots(fc100_small, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from metatransfer.cli import main
+
+    root, name = fc100_small
+    out = tmp_path / "ablation"
+    args = ["ablate", "--preset", "smoke", "--data-root", str(root), "--out", str(out), "--seeds", "0", "--shots", "1",
+            f"data.name={name}"]
+    assert main(args) == 0
+    table = (out / "ablation.md").read_text()
+    assert "| row | 1-shot, best val | 1-shot, last |" in table
+    for row in ("pre-trained, FC at test only", "FT, no HT", "FT + HT", "SS, no HT", "SS + HT"):
+        assert f"| {row} | " in table
+    for plot in ("ablation.png", "convergence-1shot.png"):
+        assert (out / plot).read_bytes()[:4] == b"\x89PNG"
+    records = json.loads((out / "ablation.json").read_text())["records"]
+    assert sorted({(r["row"], r["checkpoint"]) for r in records if r["row"] == "SS + HT"}) == [("SS + HT", "best"), ("SS + HT", "last")]
+    assert main(["ablate", "--out", str(out), "--report-only", "--preset", "smoke", f"data.name={name}"]) == 0
+    assert (out / "ablation.md").read_text() == table  # the report alone rebuilds the same table
