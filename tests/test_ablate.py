@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from metatransfer.ablate import checkpoints_of, collect_records, summarise, write_table
+from metatransfer.ablate import ROWS, checkpoints_of, collect_records, summarise, write_table
 
 
 def _result(shot: int, accuracy: float) -> dict:
@@ -72,3 +72,12 @@ def test_mtl_ablate_end_to_end_writes_the_table_and_the_plots(fc100_small, tmp_p
     assert sorted({(r["row"], r["checkpoint"]) for r in records if r["row"] == "SS + HT"}) == [("SS + HT", "best"), ("SS + HT", "last")]
     assert main(["ablate", "--out", str(out), "--report-only", "--preset", "smoke", f"data.name={name}"]) == 0
     assert (out / "ablation.md").read_text() == table  # the report alone rebuilds the same table
+
+
+def test_rows_are_chosen_and_ordered_by_short_name():
+    from metatransfer.ablate import parse_rows
+
+    assert parse_rows("ss+ht, ss,ss") == ["SS + HT", "SS, no HT"]
+    assert parse_rows("pretrained,ft,ft+ht,ss,ss+ht") == list(ROWS)
+    with pytest.raises(ValueError, match="choose from pretrained, ft, ft\\+ht, ss, ss\\+ht"):
+        parse_rows("ss,hard")

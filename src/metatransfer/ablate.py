@@ -22,7 +22,7 @@ from metatransfer.config import Config, config_to_dict
 from metatransfer.phases import meta_test, meta_train, pretrain
 from metatransfer.run import checkpoint_exists, prepare_run_dir, write_json
 
-__all__ = ["ROWS", "run_ablation", "collect_records", "summarise", "checkpoints_of", "write_table", "convergence_curves"]
+__all__ = ["ROWS", "ROW_KEYS", "parse_rows", "run_ablation", "collect_records", "summarise", "checkpoints_of", "write_table", "convergence_curves"]
 
 # name -> (model.adapt, hard tasks on?, meta-trained?)
 ROWS: dict[str, tuple[str, bool, bool]] = {
@@ -32,6 +32,19 @@ ROWS: dict[str, tuple[str, bool, bool]] = {
     "SS, no HT": ("ss", False, True),
     "SS + HT": ("ss", True, True),
 }
+
+
+# Short names for `mtl ablate --rows`, in the table's order.
+ROW_KEYS: dict[str, str] = dict(zip(("pretrained", "ft", "ft+ht", "ss", "ss+ht"), ROWS))
+
+
+def parse_rows(text: str) -> list[str]:
+    """'ss,ss+ht' -> the ROWS names, in the order given (the order they run in)."""
+    keys = [part.strip().lower() for part in text.split(",") if part.strip()]
+    unknown = [key for key in keys if key not in ROW_KEYS]
+    if unknown or not keys:
+        raise ValueError(f"Unknown ablation rows {unknown or text!r}; choose from {', '.join(ROW_KEYS)} (comma-separated).")
+    return [ROW_KEYS[key] for key in dict.fromkeys(keys)]
 
 
 def _row_config(base: Config, adapt: str, hard: bool, shot: int, seed: int) -> Config:

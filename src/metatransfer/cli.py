@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--shots", default="1,5", help="shots to meta-train and test, one model each (default 1,5)")
     ablate.add_argument("--seeds", default="0,1,2", help="seeds of the meta-trained rows (default 0,1,2)")
     ablate.add_argument("--pretrained", type=Path, help="reuse the pre-trained backbone of this run directory")
+    ablate.add_argument("--rows", default="pretrained,ft,ft+ht,ss,ss+ht",
+                        help="rows to run, in this order (default: all, pretrained,ft,ft+ht,ss,ss+ht)")
     ablate.add_argument("--report-only", action="store_true", help="only write the table and plots from the runs already in --out")
 
     commands.add_parser("presets", help="list the shipped presets")
@@ -146,7 +148,8 @@ def _ablate(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"{args.out} holds no finished ablation runs (no */results.json).")
         shots = sorted({r["shot"] for r in records})
     else:
-        records = ablate.run_ablation(config, args.out, shots=shots, seeds=seeds, pretrained=args.pretrained)
+        records = ablate.run_ablation(config, args.out, shots=shots, seeds=seeds, pretrained=args.pretrained,
+                                      rows=ablate.parse_rows(args.rows))
     title = f"MTL ablation on {config.data.name} ({config.model.backbone}, preset {args.preset or 'default'})"
     print(ablate.write_table(records, args.out / "ablation.md", title=title))
     from metatransfer.plots import plot_ablation, plot_convergence
