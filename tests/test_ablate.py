@@ -7,7 +7,7 @@ from metatransfer.ablate import ROWS, checkpoints_of, collect_records, summarise
 
 def _result(shot: int, accuracy: float) -> dict:
     return {"dataset": "d", "split": "test", "way": 5, "shot": shot, "query": 15, "episodes": 600,
-            "accuracy": accuracy, "ci95": 0.5, "protocol": "standard"}
+            "accuracy": accuracy, "ci95": 0.5, "protocol": "standard", "seed": 1}
 
 
 def test_an_unfinished_ablation_is_summarised_from_the_runs_that_reached_meta_test(tmp_path):
@@ -19,6 +19,7 @@ def test_an_unfinished_ablation_is_summarised_from_the_runs_that_reached_meta_te
     (tmp_path / "ft-no-ht-5shot-seed0").mkdir()  # started, never reached meta-test
     records = collect_records(tmp_path)
     assert len(records) == 4 and all(r["way"] == 5 for r in records)
+    assert sorted(r["seed"] for r in records if r["row"] == "SS + HT") == [0, 1]
     table = summarise(records)
     assert table[("SS + HT", 1)]["accuracy"] == 61.0 and table[("SS + HT", 1)]["seeds"] == 2
     assert table[("SS, no HT", 1)]["accuracy"] == 58.0
@@ -70,6 +71,7 @@ def test_mtl_ablate_end_to_end_writes_the_table_and_the_plots(fc100_small, tmp_p
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     records = json.loads((out / "ablation.json").read_text())["records"]
     assert sorted({(r["row"], r["checkpoint"]) for r in records if r["row"] == "SS + HT"}) == [("SS + HT", "best"), ("SS + HT", "last")]
+    assert {r["seed"] for r in records} == {0} and {r["test_seed"] for r in records} == {1}  # training vs episode seed
     assert main(["ablate", "--out", str(out), "--report-only", "--preset", "smoke", f"data.name={name}"]) == 0
     assert (out / "ablation.md").read_text() == table  # the report alone rebuilds the same table
 

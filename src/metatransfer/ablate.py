@@ -96,9 +96,14 @@ def run_ablation(
                 for checkpoint in ("best", "last") if trained else ("best",):
                     config.meta_test = replace(config.meta_test, checkpoint=checkpoint)
                     result = meta_test.run(config, run_dir, log=log)[0]
-                    records.append({"row": row, "shot": shot, "seed": seed, "run_dir": str(run_dir), **result})
+                    records.append(_record(result, row, shot, seed, run_dir))
     write_json(out / "ablation.json", {"config": config_to_dict(base), "records": records})
     return records
+
+
+def _record(result: dict[str, Any], row: str, shot: int, seed: int, run_dir: Path) -> dict[str, Any]:
+    """One run's test result, labelled; `seed` is the run's training seed, `test_seed` the episodes'."""
+    return {**result, "test_seed": result.get("seed"), "row": row, "shot": shot, "seed": seed, "run_dir": str(run_dir)}
 
 
 def collect_records(out: Path) -> list[dict[str, Any]]:
@@ -113,7 +118,7 @@ def collect_records(out: Path) -> list[dict[str, Any]]:
         shot, seed = int(rest[0].removesuffix("shot")), int(rest[1].removeprefix("seed"))
         for result in json.loads(results_path.read_text()):
             if result["shot"] == shot and result["way"] == 5:
-                records.append({"row": by_slug[slug], "shot": shot, "seed": seed, "run_dir": str(run_dir), "checkpoint": "best", **result})
+                records.append(_record({"checkpoint": "best", **result}, by_slug[slug], shot, seed, run_dir))
     return records
 
 
