@@ -22,7 +22,7 @@ from metatransfer.config import Config, config_to_dict
 from metatransfer.phases import meta_test, meta_train, pretrain
 from metatransfer.run import checkpoint_exists, prepare_run_dir, write_json
 
-__all__ = ["ROWS", "ROW_KEYS", "parse_rows", "run_ablation", "collect_records", "summarise", "checkpoints_of", "write_table", "convergence_curves"]
+__all__ = ["ROWS", "ROW_KEYS", "parse_rows", "write_records", "run_ablation", "collect_records", "summarise", "checkpoints_of", "write_table", "convergence_curves"]
 
 # name -> (model.adapt, hard tasks on?, meta-trained?)
 ROWS: dict[str, tuple[str, bool, bool]] = {
@@ -97,8 +97,12 @@ def run_ablation(
                     config.meta_test = replace(config.meta_test, checkpoint=checkpoint)
                     result = meta_test.run(config, run_dir, log=log)[0]
                     records.append(_record(result, row, shot, seed, run_dir))
-    write_json(out / "ablation.json", {"config": config_to_dict(base), "records": records})
+    write_records(base, out, records)
     return records
+
+
+def write_records(config: Config, out: Path, records: Sequence[dict[str, Any]]) -> None:
+    write_json(out / "ablation.json", {"config": config_to_dict(config), "records": list(records)})
 
 
 def _record(result: dict[str, Any], row: str, shot: int, seed: int, run_dir: Path) -> dict[str, Any]:

@@ -147,6 +147,7 @@ def _ablate(args: argparse.Namespace) -> None:
         if not records:
             raise FileNotFoundError(f"{args.out} holds no finished ablation runs (no */results.json).")
         shots = sorted({r["shot"] for r in records})
+        ablate.write_records(config, args.out, records)
     else:
         records = ablate.run_ablation(config, args.out, shots=shots, seeds=seeds, pretrained=args.pretrained,
                                       rows=ablate.parse_rows(args.rows))

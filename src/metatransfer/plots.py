@@ -48,10 +48,11 @@ def plot_ablation(tables: dict[str, dict[tuple[str, int], dict[str, float]]], ro
         ax.set_ylabel("5-way test accuracy (%)")
         ax.set_title(f"{shot}-shot")
         ax.grid(axis="y", alpha=0.3)
-        if len(tables) > 1:
-            ax.legend(fontsize=8, loc="upper right")
     fig.suptitle(title)
-    fig.tight_layout()
+    if len(tables) > 1:  # one legend for both panels, below them, clear of the bars
+        handles, labels_ = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels_, loc="lower center", ncol=len(tables), fontsize=9)
+    fig.tight_layout(rect=(0, 0.06 if len(tables) > 1 else 0, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
