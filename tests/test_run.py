@@ -9,10 +9,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import metatransfer.run as run_module
 from metatransfer.config import config_to_dict, load_config
 from metatransfer.run import (
     CHECKPOINT_FORMAT,
     MetricsLog,
+    autocast,
     checkpoint_exists,
     load_checkpoint,
     optimizer_from_tensors,
@@ -193,3 +195,23 @@ def test_metrics_log_appends_json_lines(tmp_path):
     metrics.close()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["phase"], r["step"], r["loss"]) for r in records] == [("meta_train", 1, 0.5), ("meta_train", 2, 0.25)]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_autocast_computes_in_bf16_only_where_the_device_has_native_bf16(monkeypatch, native):
+    # On an AVX2-only CPU oneDNN emulates bf16 about 7x slower than fp32: amp must fall back to fp32.
+    monkeypatch.setattr(run_module, "native_bf16", lambda device_type: native)
+    conv = torch.nn.Conv2d(3, 4, 3)
+    x = torch.randn(1, 3, 8, 8)
+    if native:
+        with autocast(torch.device("cpu"), True):
+            assert conv(x).dtype == torch.bfloat16
+    else:
+        with pytest.warns(UserWarning, match="no native bf16"), autocast(torch.device("cpu"), True):
+            assert conv(x).dtype == torch.float32
+    with autocast(torch.device("cpu"), False):
+        assert conv(x).dtype == torch.float32
+
+
+def test_native_bf16_is_false_for_a_device_type_without_bf16_kernels():
+    assert run_module.native_bf16("meta") is False

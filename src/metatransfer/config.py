@@ -125,7 +125,7 @@ class MetaTestConfig:
 class Config:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # bf16 autocast on CPU (AMX) and on CUDA
+    amp: bool = True  # bf16 autocast where the device has native bf16 (CUDA, AVX-512/AMX CPUs); fp32 elsewhere
     channels_last: bool = True
     checkpoint_every: int = 200  # steps between resumable checkpoints inside a phase
     data: DataConfig = field(default_factory=DataConfig)
