@@ -92,13 +92,17 @@ def extract_features(
     channels_last: bool,
     batch_size: int = 256,
     flip: bool = False,
+    indices: np.ndarray | None = None,
 ) -> torch.Tensor:
-    """Features of a whole split, (N, D) float32 on `device`, with BN at its running statistics."""
+    """Features of a split's images (all, or the sorted `indices` only), (N, D) float32 on `device`,
+    with BN at its running statistics."""
     was_training = backbone.training
     backbone.eval()
     chunks = []
-    for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.array(images[start : start + batch_size]))  # a writable copy of the memmap slice
+    count = len(images) if indices is None else len(indices)
+    for start in range(0, count, batch_size):
+        part = slice(start, start + batch_size) if indices is None else indices[start : start + batch_size]
+        batch = torch.from_numpy(np.array(images[part]))  # a writable copy of the memmap rows
         if flip:
             batch = batch.flip(-2)  # (B, H, W, C): W is axis -2
         chunks.append(forward_images(backbone, batch, mean=mean, std=std, device=device, amp=amp, channels_last=channels_last))

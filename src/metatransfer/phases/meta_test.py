@@ -1,8 +1,9 @@
 """Phase 3, meta-test: fine-tune the base-learner on each unseen task's support set, score its queries.
 
-The features of the test split are computed once (BN frozen, SS folded into the convs) and the
-fine-tuning of all episodes runs as one batched inner loop, so thousands of episodes cost about one
-pass over the split. With `model.bn_mode=batch` every episode is forwarded on its own instead.
+The features of the images the episodes use are computed once (BN frozen, SS folded into the
+convs) and the fine-tuning of all episodes runs as one batched inner loop, so thousands of episodes
+cost at most one pass over the split, and a few hundred episodes of a large split (tieredImageNet's
+206k test images) only the images they draw. With `model.bn_mode=batch` every episode is forwarded on its own instead.
 Episodes depend only on `meta_test.seed`, way and shot: every model is scored on the same tasks.
 """
 
@@ -74,6 +75,12 @@ def evaluate_features(
     return torch.cat(accuracies).numpy()
 
 
+def _reindexed(tasks: TaskIndices, used: np.ndarray) -> TaskIndices:
+    """The tasks with split indices replaced by positions in the sorted `used` indices."""
+    support, query = np.searchsorted(used, tasks.support), np.searchsorted(used, tasks.query)
+    return TaskIndices(support, query, tasks.class_ids, tasks.n_way, tasks.n_shot, tasks.n_query)
+
+
 def _evaluate_per_episode(backbone, split: ImageSplit, tasks: TaskIndices, head_weight, head_bias, config: Config, device, paper: bool) -> np.ndarray:
     """Transductive BN: each episode's support and query sets are normalised by their own statistics."""
     accuracies = []
@@ -142,26 +149,30 @@ def evaluate_split(
     paper = protocol == "paper"
     options = dict(mean=split.mean, std=split.std, device=device, amp=config.amp, channels_last=config.channels_last)
     frozen = config.model.bn_mode == "frozen"
-    if frozen:  # one pass over the split with SS and BN folded into the convs
-        plain = inference_copy(backbone)
-        features = extract_features(plain, split.images, **options)
-        flipped = extract_features(plain, split.images, flip=True, **options) if paper else None
-    results = []
+    settings = []
     for n_way in ways:
         for n_shot in shots:
             query = n_shot if paper else n_query
             sampler = TaskSampler(split.labels, n_way=n_way, n_shot=n_shot, n_query=query, seed=[seed, n_way, n_shot], class_names=split.class_names)
-            tasks = sampler.sample(episodes)
-            if frozen:
-                accuracies = evaluate_features(features, tasks, head_weight, head_bias, steps=config.base_learner.steps, lr=config.base_learner.lr, flipped=flipped)
-            else:
-                accuracies = _evaluate_per_episode(backbone, split, tasks, head_weight, head_bias, config, device, paper)
-            accuracy, ci95 = confidence_interval(accuracies)
-            results.append({
-                "dataset": split.dataset, "split": split.split, "way": n_way, "shot": n_shot, "query": query,
-                "episodes": episodes, "accuracy": round(accuracy, 3), "ci95": round(ci95, 3), "protocol": protocol,
-                "bn_mode": config.model.bn_mode, "seed": seed, "per_episode": accuracies.round(4).tolist(),
-            })
+            settings.append((n_way, n_shot, query, sampler.sample(episodes)))
+    if frozen:  # one pass over the images the episodes use, with SS and BN folded into the convs
+        used = np.unique(np.concatenate([np.concatenate([t.support.ravel(), t.query.ravel()]) for *_, t in settings]))
+        settings = [(n_way, n_shot, query, _reindexed(tasks, used)) for n_way, n_shot, query, tasks in settings]
+        plain = inference_copy(backbone)
+        features = extract_features(plain, split.images, indices=used, **options)
+        flipped = extract_features(plain, split.images, indices=used, flip=True, **options) if paper else None
+    results = []
+    for n_way, n_shot, query, tasks in settings:
+        if frozen:
+            accuracies = evaluate_features(features, tasks, head_weight, head_bias, steps=config.base_learner.steps, lr=config.base_learner.lr, flipped=flipped)
+        else:
+            accuracies = _evaluate_per_episode(backbone, split, tasks, head_weight, head_bias, config, device, paper)
+        accuracy, ci95 = confidence_interval(accuracies)
+        results.append({
+            "dataset": split.dataset, "split": split.split, "way": n_way, "shot": n_shot, "query": query,
+            "episodes": episodes, "accuracy": round(accuracy, 3), "ci95": round(ci95, 3), "protocol": protocol,
+            "bn_mode": config.model.bn_mode, "seed": seed, "per_episode": accuracies.round(4).tolist(),
+        })
     return results
 
 
