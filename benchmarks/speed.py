@@ -8,9 +8,9 @@ meta-test
     baseline  as the port: per episode, forward its support and query images (fp32, contiguous),
               fine-tune a fresh nn.Linear (initialised to theta) with 100 autograd SGD steps,
               predict the queries. Timed on a few episodes and extrapolated linearly.
-    ours      `extract_features` of the whole split once (bf16 autocast + channels_last), then
-              `evaluate_features` over all episodes batched; the extraction is counted in ours'
-              total, amortised over the episodes.
+    ours      `extract_features` of the whole split once (channels_last, bf16 autocast where the
+              CPU has native bf16), then `evaluate_features` over all episodes batched; the
+              extraction is counted in ours' total, amortised over the episodes.
 meta-train
     baseline  as the port, first order: one task per update; forward support (no graph: it gets
               no gradient) and query (fp32), 100 autograd steps on fast weights started from
@@ -55,7 +55,7 @@ from metatransfer.models.fuse import inference_copy
 from metatransfer.phases.features import extract_features
 from metatransfer.phases.meta_test import confidence_interval, evaluate_features
 from metatransfer.phases.meta_train import meta_batch_loss, prepare_meta_model
-from metatransfer.run import checkpoint_exists, load_checkpoint
+from metatransfer.run import checkpoint_exists, load_checkpoint, native_bf16
 
 CPU = torch.device("cpu")
 
@@ -439,9 +439,11 @@ def main() -> None:
         apply_scale_shift(ss_model, mode="kernel", include_shortcuts=False)
     setting = (f"{args.backbone} x{args.width} on {args.name} {test.images.shape[1]}px, {args.n_way}-way {args.n_shot}-shot "
                f"{args.n_query}-query, {args.steps} steps lr {args.lr}, weights {source}")
-    print(f"{setting}; torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}")
+    machine = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "ours_precision": "bf16" if native_bf16("cpu") else "fp32"}
+    print(f"{setting}; torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {machine['cpu_capability']}, "
+          f"ours in {machine['ours_precision']}, load average {os.getloadavg()}")
     result = {"setting": setting, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "load_average_start": os.getloadavg()}
+              "torch": torch.__version__, "threads": torch.get_num_threads(), **machine, "load_average_start": os.getloadavg()}
     started = time.perf_counter()
     if args.skip != "meta-test":
         result["meta_test"] = bench_meta_test(args, backbone, test, theta_w, theta_b)
