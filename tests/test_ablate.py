@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from metatransfer.ablate import ROWS, checkpoints_of, collect_records, summarise, write_table
+from metatransfer.ablate import ROWS, checkpoints_of, collect_records, convergence_curves, summarise, write_table
 
 
 def _result(shot: int, accuracy: float) -> dict:
@@ -42,6 +42,19 @@ def test_rows_are_tabled_with_the_best_and_the_last_checkpoint(tmp_path):
     text = write_table(records, tmp_path / "ablation.md", title="t")
     assert "| row | 1-shot, best val | 1-shot, last |" in text
     assert "| FT + HT | 50.00 +- 0.50 | 30.00 +- 0.50 |" in text
+
+
+def test_a_run_scored_with_best_and_last_gives_one_convergence_curve(tmp_path):
+    for seed, accuracies in enumerate([(50.0, 52.0), (50.0, 48.0)]):
+        run_dir = tmp_path / f"ss--ht-1shot-seed{seed}"
+        run_dir.mkdir()
+        lines = [{"phase": "meta_train_val", "step": step, "accuracy": a} for step, a in zip((0, 100), accuracies)]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    records = [{"row": "SS + HT", "shot": 1, "seed": seed, "checkpoint": checkpoint, "run_dir": str(tmp_path / f"ss--ht-1shot-seed{seed}")}
+               for seed in (0, 1) for checkpoint in ("best", "last")]
+    steps, accuracy = convergence_curves(records, 1)["SS + HT"]
+    assert steps.tolist() == [0, 100]
+    assert accuracy.tolist() == [[50.0, 52.0], [50.0, 48.0]]  # two seeds, not four
 
 
 def test_ablation_plot_draws_both_checkpoints(tmp_path):

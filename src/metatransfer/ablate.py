@@ -181,7 +181,8 @@ def convergence_curves(records: Sequence[dict[str, Any]], shot: int) -> dict[str
     """row -> (iterations, (seeds, points) validation accuracy) read from each run's metrics.jsonl."""
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for row in ("SS, no HT", "SS + HT", "FT, no HT", "FT + HT"):
-        runs = [r for r in records if r["row"] == row and r["shot"] == shot]
+        # One curve per run: a run scored with its best and its last checkpoint has two records.
+        runs = list({r["run_dir"]: r for r in records if r["row"] == row and r["shot"] == shot}.values())
         series = []
         for r in runs:
             lines = (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()

@@ -151,7 +151,8 @@ def _ablate(args: argparse.Namespace) -> None:
     else:
         records = ablate.run_ablation(config, args.out, shots=shots, seeds=seeds, pretrained=args.pretrained,
                                       rows=ablate.parse_rows(args.rows))
-    title = f"MTL ablation on {config.data.name} ({config.model.backbone}, preset {args.preset or 'default'})"
+    width = f" x{config.model.width:g}" if config.model.width != 1 else ""
+    title = f"MTL ablation on {config.data.name} ({config.model.backbone}{width}, preset {args.preset or 'default'})"
     print(ablate.write_table(records, args.out / "ablation.md", title=title))
     from metatransfer.plots import plot_ablation, plot_convergence
 
