@@ -63,7 +63,7 @@ def plot_convergence(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Pat
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for row, (steps, accuracy) in curves.items():
         mean = accuracy.mean(axis=0)
-        (line,) = ax.plot(steps, mean, marker="o", markersize=3, label=f"{row} ({accuracy.shape[0]} seeds)")
+        (line,) = ax.plot(steps, mean, marker="o", markersize=3, label=f"{row} ({accuracy.shape[0]} seed{'s' if accuracy.shape[0] > 1 else ''})")
         if accuracy.shape[0] > 1:
             ax.fill_between(steps, accuracy.min(axis=0), accuracy.max(axis=0), color=line.get_color(), alpha=0.2)
     ax.set_xlabel("meta-iterations (hard ones included)")
