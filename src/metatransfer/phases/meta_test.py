@@ -3,7 +3,8 @@
 The features of the images the episodes use are computed once (BN frozen, SS folded into the
 convs) and the fine-tuning of all episodes runs as one batched inner loop, so thousands of episodes
 cost at most one pass over the split, and a few hundred episodes of a large split (tieredImageNet's
-206k test images) only the images they draw. With `model.bn_mode=batch` every episode is forwarded on its own instead.
+206k test images) only the images they draw. With `model.bn_mode=batch` every episode is forwarded
+on its own instead.
 Episodes depend only on `meta_test.seed`, way and shot: every model is scored on the same tasks.
 """
 
@@ -75,10 +76,11 @@ def evaluate_features(
     return torch.cat(accuracies).numpy()
 
 
-def _reindexed(tasks: TaskIndices, used: np.ndarray) -> TaskIndices:
-    """The tasks with split indices replaced by positions in the sorted `used` indices."""
-    support, query = np.searchsorted(used, tasks.support), np.searchsorted(used, tasks.query)
-    return TaskIndices(support, query, tasks.class_ids, tasks.n_way, tasks.n_shot, tasks.n_query)
+def _on_used_images(all_tasks: Sequence[TaskIndices]) -> tuple[np.ndarray, list[TaskIndices]]:
+    """The sorted split indices the tasks draw, and the tasks re-indexed into that list."""
+    used = np.unique(np.concatenate([np.concatenate([t.support, t.query], axis=1).ravel() for t in all_tasks]))
+    return used, [TaskIndices(np.searchsorted(used, t.support), np.searchsorted(used, t.query), t.class_ids, t.n_way, t.n_shot, t.n_query)
+                  for t in all_tasks]
 
 
 def _evaluate_per_episode(backbone, split: ImageSplit, tasks: TaskIndices, head_weight, head_bias, config: Config, device, paper: bool) -> np.ndarray:
@@ -156,8 +158,8 @@ def evaluate_split(
             sampler = TaskSampler(split.labels, n_way=n_way, n_shot=n_shot, n_query=query, seed=[seed, n_way, n_shot], class_names=split.class_names)
             settings.append((n_way, n_shot, query, sampler.sample(episodes)))
     if frozen:  # one pass over the images the episodes use, with SS and BN folded into the convs
-        used = np.unique(np.concatenate([np.concatenate([t.support.ravel(), t.query.ravel()]) for *_, t in settings]))
-        settings = [(n_way, n_shot, query, _reindexed(tasks, used)) for n_way, n_shot, query, tasks in settings]
+        used, reindexed = _on_used_images([tasks for *_, tasks in settings])
+        settings = [(*setting[:3], tasks) for setting, tasks in zip(settings, reindexed)]
         plain = inference_copy(backbone)
         features = extract_features(plain, split.images, indices=used, **options)
         flipped = extract_features(plain, split.images, indices=used, flip=True, **options) if paper else None
