@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from metatransfer.data.cache import load_split
-from metatransfer.phases.features import build_backbone
+from metatransfer.phases.features import load_pretrained_backbone
 from metatransfer.phases.meta_test import evaluate_split, load_meta_model
-from metatransfer.run import load_checkpoint, read_run_config, resolve_device, tensors_under
+from metatransfer.run import read_run_config, resolve_device
 
 
 def main() -> None:
@@ -39,9 +39,7 @@ def main() -> None:
     device = resolve_device(config.device)
     split = load_split(config.data.root, config.data.name, args.split)
     meta_backbone, theta_weight, theta_bias = load_meta_model(args.run_dir, config, split.images.shape[-1], device)[:3]
-    pre_backbone = build_backbone(config, split.images.shape[-1])
-    pre_backbone.load_state_dict(tensors_under(load_checkpoint(args.run_dir / "pretrain" / "best")[0], "backbone"))
-    pre_backbone.to(device).eval()
+    pre_backbone = load_pretrained_backbone(config, args.run_dir, split.images.shape[-1]).to(device).eval()
     if config.channels_last:
         pre_backbone.to(memory_format=torch.channels_last)
     zeros = torch.zeros_like(theta_weight), torch.zeros_like(theta_bias)

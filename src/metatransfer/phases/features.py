@@ -9,6 +9,7 @@ paper's TF code does) needs one forward per set: `batch_statistics` switches BN 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -19,9 +20,9 @@ from metatransfer.config import Config
 from metatransfer.data.augment import to_float
 from metatransfer.models.backbones import create_backbone
 from metatransfer.data.cache import ImageSplit, load_split
-from metatransfer.run import autocast, resolve_device, seed_everything
+from metatransfer.run import autocast, load_checkpoint, resolve_device, seed_everything, tensors_under
 
-__all__ = ["start_phase", "build_backbone", "backbone_meta", "extract_features", "batch_statistics", "forward_images"]
+__all__ = ["start_phase", "build_backbone", "backbone_meta", "load_pretrained_backbone", "extract_features", "batch_statistics", "forward_images"]
 
 
 def start_phase(config: Config) -> tuple[torch.device, ImageSplit, ImageSplit]:
@@ -46,6 +47,14 @@ def backbone_meta(config: Config, backbone: nn.Module, in_chans: int) -> dict:
         "in_chans": in_chans,
         "out_features": backbone.out_features,
     }
+
+
+def load_pretrained_backbone(config: Config, run_dir: Path, in_chans: int) -> nn.Module:
+    """The run's `pretrain/best` backbone, rebuilt from the config; a checkpoint of another model is an error."""
+    backbone = build_backbone(config, in_chans)
+    tensors, _ = load_checkpoint(Path(run_dir) / "pretrain" / "best", expect=backbone_meta(config, backbone, in_chans))
+    backbone.load_state_dict(tensors_under(tensors, "backbone"))
+    return backbone
 
 
 @contextlib.contextmanager

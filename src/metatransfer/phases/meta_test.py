@@ -26,7 +26,7 @@ from metatransfer.data.episodes import TaskIndices, TaskSampler, gather_episode
 from metatransfer.models.fuse import inference_copy
 from metatransfer.models.head import adapt_head, expand_head, head_logits
 from metatransfer.models.scale_shift import apply_scale_shift, fold_scale_shift
-from metatransfer.phases.features import batch_statistics, build_backbone, extract_features, forward_images
+from metatransfer.phases.features import batch_statistics, build_backbone, extract_features, forward_images, load_pretrained_backbone
 from metatransfer.run import checkpoint_exists, load_checkpoint, resolve_device, tensors_under, write_json
 
 __all__ = ["confidence_interval", "evaluate_features", "load_meta_model", "evaluate_split", "run"]
@@ -108,11 +108,11 @@ def _evaluate_per_episode(backbone, split: ImageSplit, tasks: TaskIndices, head_
 def load_meta_model(run_dir: Path, config: Config, in_chans: int, device: torch.device) -> tuple[nn.Module, torch.Tensor, torch.Tensor, str]:
     """The meta-trained backbone (SS folded) and theta; without meta-training, the pre-trained
     backbone with a zero head (the paper's 'no meta-training' row). Returns a source label too."""
-    backbone = build_backbone(config, in_chans)
     meta_stem, pre_stem = run_dir / "meta_train" / config.meta_test.checkpoint, run_dir / "pretrain" / "best"
-    expect = {"backbone": config.model.backbone, "width": config.model.width, "in_chans": in_chans}
     if checkpoint_exists(meta_stem):
-        tensors, meta = load_checkpoint(meta_stem, expect={**expect, "adapt": config.model.adapt})
+        backbone = build_backbone(config, in_chans)
+        expect = {"backbone": config.model.backbone, "width": config.model.width, "in_chans": in_chans, "adapt": config.model.adapt}
+        tensors, meta = load_checkpoint(meta_stem, expect=expect)
         if meta["adapt"] == "ss":
             apply_scale_shift(backbone, mode=meta["ss_mode"], include_shortcuts=meta["ss_shortcuts"])
         backbone.load_state_dict(tensors_under(tensors, "backbone"))
@@ -120,8 +120,7 @@ def load_meta_model(run_dir: Path, config: Config, in_chans: int, device: torch.
         weight, bias = tensors["head.weight"], tensors["head.bias"]
         source = f"meta_train/{config.meta_test.checkpoint}"
     elif checkpoint_exists(pre_stem):
-        tensors, meta = load_checkpoint(pre_stem, expect=expect)
-        backbone.load_state_dict(tensors_under(tensors, "backbone"))
+        backbone = load_pretrained_backbone(config, run_dir, in_chans)
         weight, bias = torch.zeros(config.meta_train.n_way, backbone.out_features), torch.zeros(config.meta_train.n_way)
         source = "pretrain/best (no meta-training)"
     else:

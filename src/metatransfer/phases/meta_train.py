@@ -26,7 +26,7 @@ from metatransfer.data.episodes import Episode, TaskIndices, TaskSampler, gather
 from metatransfer.distributed import all_gather, all_reduce_gradients, all_reduce_sum, barrier, is_main, rank_slice, world_size
 from metatransfer.models.head import adapt_head, expand_head, head_logits, init_head_weight, per_class_accuracy
 from metatransfer.models.scale_shift import apply_scale_shift, scale_shift_parameters
-from metatransfer.phases.features import backbone_meta, batch_statistics, build_backbone, forward_images, start_phase
+from metatransfer.phases.features import backbone_meta, batch_statistics, forward_images, load_pretrained_backbone, start_phase
 from metatransfer.phases.hard_tasks import HardTaskScheduler
 from metatransfer.phases.meta_test import evaluate_split
 from metatransfer.run import (
@@ -42,9 +42,7 @@ def prepare_meta_model(config: Config, run_dir: Path, in_chans: int) -> tuple[nn
     stem = run_dir / "pretrain" / "best"
     if not checkpoint_exists(stem):
         raise FileNotFoundError(f"{stem}.json is missing: meta-transfer starts from a pre-trained backbone; run `mtl pretrain --out {run_dir}` first.")
-    backbone = build_backbone(config, in_chans)
-    tensors, _ = load_checkpoint(stem, expect=backbone_meta(config, backbone, in_chans))
-    backbone.load_state_dict(tensors_under(tensors, "backbone"))
+    backbone = load_pretrained_backbone(config, run_dir, in_chans)
     for parameter in backbone.parameters():
         parameter.requires_grad_(False)
     if config.model.adapt == "ss":
