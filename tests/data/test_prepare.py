@@ -14,7 +14,7 @@ from PIL import Image
 
 from metatransfer.data import _cifar, _omniglot
 from metatransfer.data._cifar_splits import FINE_NAMES
-from metatransfer.data.cache import load_split, read_manifest
+from metatransfer.data.cache import describe, load_split, read_manifest
 from metatransfer.data.prepare import DATASETS, prepare_dataset
 
 FC100_ZIP_SHA256 = "dc5c4701fc0dde0bbaad233674a0e9d93cb53b7061b888ccaa63658b362db085"
@@ -553,3 +553,25 @@ def test_missing_source_path(tmp_path):
 def test_no_source_and_no_download(tmp_path):
     with pytest.raises(ValueError, match="needs a source .*or download=True"):
         prepare_dataset("omniglot", None, tmp_path, log=_quiet)
+
+
+def test_folder_evaluation_only_puts_every_class_in_test(tmp_path, make_images):
+    make_images(tmp_path / "glyphs", {f"class{i}": 3 for i in range(4)}, mode="L")
+    prepare_dataset("folder", tmp_path / "glyphs", tmp_path / "cache", image_size=8,
+                    split_ratios=(0.0, 0.0, 1.0), log=_quiet)
+    manifest = read_manifest(tmp_path / "cache", "glyphs")
+    assert [manifest["splits"][s]["num_images"] for s in ("train", "val", "test")] == [0, 0, 12]
+    assert manifest["stats_split"] == "test" and 0 < manifest["std"][0]
+    assert "evaluation only" in manifest["protocol"]
+    test = load_split(tmp_path / "cache", "glyphs", "test")
+    assert test.num_classes == 4 and load_split(tmp_path / "cache", "glyphs", "train").images.shape[0] == 0
+    assert "train     0 classes, 0 images" in describe(tmp_path / "cache", "glyphs")
+
+
+def test_folder_evaluation_only_from_the_cli(tmp_path, make_images):
+    from metatransfer.cli import main
+
+    make_images(tmp_path / "glyphs", {f"class{i}": 2 for i in range(3)})
+    assert main(["data", "prepare", "folder", "--source", str(tmp_path / "glyphs"), "--root", str(tmp_path / "cache"),
+                 "--image-size", "8", "--eval-only"]) == 0
+    assert read_manifest(tmp_path / "cache", "glyphs")["splits"]["test"]["classes"] == ["class0", "class1", "class2"]

@@ -126,7 +126,11 @@ def read_tiered(source: Path, split_dir: Path | None) -> tuple[dict[str, ClassLi
 def read_folder(
     source: Path, split_ratios: tuple[float, float, float], seed: int
 ) -> tuple[dict[str, ClassList], str]:
-    """`SOURCE/<split>/<class>/` as given, else `SOURCE/<class>/` split class-disjointly."""
+    """`SOURCE/<split>/<class>/` as given, else `SOURCE/<class>/` split class-disjointly.
+
+    A ratio of 0 leaves its split empty on purpose: ratios (0, 0, 1) make an evaluation-only
+    dataset (every class in test) for scoring a model trained elsewhere (`mtl meta-test --dataset`).
+    """
     if any((source / split).is_dir() for split in SPLITS):
         splits = _tree(source, f"folder {source}")
         protocol = "folder with train/val/test class folders as given"
@@ -147,15 +151,17 @@ def read_folder(
             "test": (n_train + n_val, len(class_dirs)),
         }
         splits = {}
-        for split, (start, stop) in bounds.items():
+        for (split, (start, stop)), ratio in zip(bounds.items(), split_ratios):
             chosen = sorted(class_dirs[i] for i in order[start:stop])
-            if not chosen:
+            if not chosen and (ratio > 0 or split == "test"):
                 raise ValueError(
                     f"folder {source}: {len(class_dirs)} classes split by {split_ratios} leaves "
                     f"no class for {split!r}; add classes or change split_ratios"
                 )
             splits[split] = [(path.name, [("", f) for f in list_images(path)]) for path in chosen]
         protocol = f"folder split by class, ratios {list(split_ratios)}, seed {seed}"
+        if split_ratios[0] == split_ratios[1] == 0:
+            protocol = "folder for evaluation only: every class in test (ratios 0,0,1)"
     for split, classes in splits.items():
         check_min_images(classes, FOLDER_MIN_IMAGES, f"folder {split}")
     return splits, protocol

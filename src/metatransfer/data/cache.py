@@ -137,7 +137,7 @@ def describe(root: str | Path, name: str) -> str:
     ]
     for split in SPLITS:
         info = manifest["splits"][split]
-        low, high = min(info["images_per_class"]), max(info["images_per_class"])
+        low, high = min(info["images_per_class"], default=0), max(info["images_per_class"], default=0)
         per_class = f"{low}" if low == high else f"{low}-{high}"
         lines.append(
             f"{split:<9} {len(info['classes'])} classes, {info['num_images']} images "
@@ -264,9 +264,12 @@ class CacheBuilder:
             raise ValueError(f"Cannot commit {self.name!r}: splits {missing} were never written")
         for info in self._splits.values():
             info.pop("_images").flush()
-        train = np.load(self.temp / "train" / "images.npy", mmap_mode="r")
-        mean, std = _channel_stats(train)
-        del train
+        # Normalisation comes from the train split; an evaluation-only dataset (no train classes)
+        # has its test split's, which only `mtl meta-test --dataset` reads (it uses the run's own).
+        stats_split = "train" if self._splits["train"]["num_images"] else "test"
+        images = np.load(self.temp / stats_split / "images.npy", mmap_mode="r")
+        mean, std = _channel_stats(images)
+        del images
         height, width, channels = self._shape
         source = {"path": str(source_path), "sha256": source_sha256}
         if source_files:
@@ -279,6 +282,7 @@ class CacheBuilder:
             "splits": {split: self._splits[split] for split in SPLITS},
             "mean": mean,
             "std": std,
+            "stats_split": stats_split,
             "source": source,
             "protocol": protocol,
             "options": options,

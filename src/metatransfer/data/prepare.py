@@ -37,6 +37,8 @@ TIERED_EXPECTED = {"train": (351, None), "val": (97, None), "test": (160, None)}
 
 
 def _counts_text(counts: list[int], with_word: bool) -> str:
+    if not counts:
+        return f"0 {'classes' if with_word else ''}".rstrip()
     low, high = min(counts), max(counts)
     per_class = str(low) if low == high else f"{low}-{high}"
     return f"{len(counts)} {'classes ' if with_word else ''}x {per_class}"
