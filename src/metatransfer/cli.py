@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--rotations", action="store_true", help="omniglot: add 90/180/270-degree rotations as classes")
     prepare.add_argument("--image-size", type=int, help="side of the stored square images (default per benchmark)")
     prepare.add_argument("--split-ratios", default="0.64,0.16,0.20", help="folder without split dirs: train,val,test class ratios")
+    prepare.add_argument("--eval-only", action="store_true",
+                         help="folder: every class in test (= --split-ratios 0,0,1), to score a model trained elsewhere")
     prepare.add_argument("--seed", type=int, default=0, help="folder: seed of the class split")
     prepare.add_argument("--name", dest="output_name", help="store under this name instead of the benchmark's")
     info = data.add_parser("info", help="classes and images per split, image size, checksums")
@@ -180,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.data_command == "prepare":
                 from metatransfer.data.prepare import prepare_dataset
 
-                ratios = tuple(float(part) for part in args.split_ratios.split(","))
+                ratios = (0.0, 0.0, 1.0) if args.eval_only else tuple(float(part) for part in args.split_ratios.split(","))
                 prepare_dataset(
                     args.name, args.source, args.root, download=args.download, split_dir=args.split_dir,
                     rotations=args.rotations, image_size=args.image_size, split_ratios=ratios, seed=args.seed,
