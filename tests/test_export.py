@@ -13,7 +13,8 @@ import torch
 from fixtures_run import fc100_folders, smoke_run  # noqa: F401  (fixtures)
 from metatransfer import FewShotClassifier
 from metatransfer.cli import main
-from metatransfer.export import BUNDLE_FILE, _add_folded_biases, export_run
+from metatransfer.export import export_run
+from metatransfer.loading import BUNDLE_FILE, _add_folded_biases
 from metatransfer.models.backbones import create_backbone, list_backbones
 from metatransfer.models.scale_shift import apply_scale_shift, fold_scale_shift
 from metatransfer.phases.features import build_backbone

@@ -13,13 +13,17 @@ into what the model saw in training by `Preprocessing` (square LANCZOS resize to
 as `mtl data prepare` does; alpha composited on white; inverted for Omniglot-style models, whose
 cache holds ink 255 on a 0 background). Features are computed in float32 (no autocast), so a run
 directory and its exports give the same predictions.
+
+Reading a model from disk, and `Preprocessing` (re-exported here), live in `metatransfer.loading`,
+a module below both this one and `metatransfer.export` (which writes bundles), so that the API
+and the exporter share one reader without importing each other. This module holds what happens
+after loading: images to inputs, features, fit and predict.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Union
 
@@ -30,6 +34,7 @@ from PIL import Image, ImageOps
 
 from metatransfer.data._decode import RESAMPLE
 from metatransfer.data.augment import to_float
+from metatransfer.loading import BUNDLE_FILE, Preprocessing, load_bundle_parts, load_run_parts
 from metatransfer.models.head import adapt_head, expand_head, head_logits
 from metatransfer.phases.features import batch_statistics
 
@@ -37,50 +42,6 @@ __all__ = ["ImageLike", "Preprocessing", "load_image", "load_images", "FewShotCl
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
 _BATCH = 256  # images per backbone forward
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How an image becomes a model input, recorded with the model (export bundle: bundle.json).
-
-    Attributes:
-        image_size: side of the square images the model was trained on.
-        channels: 1 (grayscale) or 3 (RGB).
-        mean, std: per-channel normalisation on the 0..1 scale (the training split's statistics).
-        invert: store 255 - pixel, as the Omniglot cache does (ink bright on a dark background).
-    """
-
-    image_size: int
-    channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    invert: bool = False
-
-    def __post_init__(self) -> None:
-        if self.channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
-        if len(self.mean) != self.channels or len(self.std) != self.channels:
-            raise ValueError(f"mean and std need {self.channels} value(s) each, got {self.mean} and {self.std}")
-
-    @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> "Preprocessing":
-        """From a prepared dataset's manifest.json: Omniglot caches are stored inverted."""
-        height, width = manifest["image_size"]
-        if height != width:
-            raise ValueError(f"Dataset {manifest.get('dataset')!r} has non-square {height}x{width} images")
-        benchmark = manifest.get("options", {}).get("benchmark", manifest.get("dataset"))
-        return cls(
-            image_size=int(height), channels=int(manifest["channels"]), mean=tuple(manifest["mean"]),
-            std=tuple(manifest["std"]), invert=benchmark == "omniglot",
-        )
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "Preprocessing":
-        return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"])})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "mean": list(self.mean), "std": list(self.std), "resize": "square, lanczos",
-                "alpha": "composited on white"}
 
 
 def _describe(item: Any) -> str:
@@ -215,22 +176,16 @@ class FewShotClassifier:
                 its manifest gives the image size, channels and mean/std.
             device: "auto", "cpu", "cuda", ...
         """
-        from metatransfer.export import load_run_parts
-
         return cls(**load_run_parts(Path(run_dir), data_root=data_root), device=device)
 
     @classmethod
     def from_export(cls, export_dir: str | Path, *, device: str = "auto") -> "FewShotClassifier":
         """The model of a bundle written by `mtl export` (safetensors, ONNX or TorchScript)."""
-        from metatransfer.export import load_bundle_parts
-
         return cls(**load_bundle_parts(Path(export_dir)), device=device)
 
     @classmethod
     def load(cls, path: str | Path, *, data_root: str | Path | None = None, device: str = "auto") -> "FewShotClassifier":
         """A run directory or an export bundle, whichever `path` is."""
-        from metatransfer.export import BUNDLE_FILE
-
         path = Path(path)
         if not path.is_dir():
             problem = "is a file, not a directory" if path.exists() else "does not exist"
