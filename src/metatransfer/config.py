@@ -41,6 +41,10 @@ class DataConfig:
     crop_padding: int = 4  # pixels of zero padding for crop_flip (CIFAR habit)
     color_jitter: float = 0.0  # strength of brightness/contrast/saturation jitter, 0 = off
     hflip: bool = True  # random horizontal flips (off for Omniglot: strokes have a direction)
+    # Input normalisation (per channel, 0..1 scale); empty = the prepared train split's statistics.
+    # Filled in when a run starts with model.init_normalisation=source.
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -52,6 +56,13 @@ class ModelConfig:
     ss_mode: str = "kernel"  # scale per (out, in) kernel slice (paper's code) or per out "channel"
     ss_shortcuts: bool = False  # also scale-shift the 1x1 shortcut convs (PyTorch port does)
     bn_mode: str = "frozen"  # frozen running statistics | batch (transductive, the TF code's way)
+    # Transfer (`--init-from`): a run directory (its pretrain/best) or an `mtl export` safetensors
+    # bundle whose backbone starts pre-training; "" = random init. See metatransfer/transfer.py.
+    init_from: str = ""
+    init_sha256: str = ""  # the source's checksum, recorded when the run starts
+    # dataset: the new data's own statistics (default: inputs standardised as the backbone saw its
+    # own, and grey<->RGB conversion exact) | source: the statistics the backbone was trained with
+    init_normalisation: str = "dataset"
 
 
 @dataclass
@@ -106,6 +117,10 @@ class MetaTrainConfig:
     lr_gamma: float = 0.5
     val_every: int = 500  # iterations between validations that pick the best checkpoint
     val_episodes: int = 600
+    # Seed of the validation episodes that pick the meta-train checkpoint. It differs from
+    # meta_test.seed, whose validation episodes picked the pre-training epoch: scoring iteration 0
+    # on those again would hand the start a winner's-curse bonus that later iterations must beat.
+    val_seed: int = 2
     hard_tasks: HardTaskConfig = field(default_factory=HardTaskConfig)
 
 
@@ -141,6 +156,7 @@ _CHOICES = {
     "model.adapt": ("ss", "ft"),
     "model.ss_mode": ("kernel", "channel"),
     "model.bn_mode": ("frozen", "batch"),
+    "model.init_normalisation": ("dataset", "source"),
     "pretrain.schedule": ("cosine", "step"),
     "base_learner.init": ("kaiming", "xavier", "zeros"),
     "meta_test.protocol": ("standard", "paper"),

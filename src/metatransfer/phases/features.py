@@ -9,6 +9,7 @@ paper's TF code does) needs one forward per set: `batch_statistics` switches BN 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -22,15 +23,26 @@ from metatransfer.models.backbones import create_backbone
 from metatransfer.data.cache import ImageSplit, load_split
 from metatransfer.run import autocast, load_checkpoint, resolve_device, seed_everything, tensors_under
 
-__all__ = ["start_phase", "build_backbone", "backbone_meta", "load_pretrained_backbone", "extract_features", "batch_statistics", "forward_images"]
+__all__ = ["load_run_split", "start_phase", "build_backbone", "backbone_meta", "load_pretrained_backbone", "extract_features", "batch_statistics", "forward_images"]
+
+
+def load_run_split(config: Config, split: str) -> ImageSplit:
+    """A split of the run's dataset, normalised as the run is: its `data.mean`/`data.std` where set
+    (a transfer run with `model.init_normalisation=source`), else the prepared train statistics."""
+    images = load_split(config.data.root, config.data.name, split)
+    if not images.images.shape[0]:
+        raise ValueError(f"Dataset {config.data.name!r} has no {split} images (an evaluation-only dataset?); train on a dataset "
+                         f"with {split} classes, and score this one with `mtl meta-test --resume RUN --dataset {config.data.name}`.")
+    if config.data.mean:
+        images = dataclasses.replace(images, mean=tuple(config.data.mean), std=tuple(config.data.std))
+    return images
 
 
 def start_phase(config: Config) -> tuple[torch.device, ImageSplit, ImageSplit]:
     """Device, seeded RNGs, and the train and val splits that every training phase starts from."""
     device = resolve_device(config.device)
     seed_everything(config.seed)
-    train = load_split(config.data.root, config.data.name, "train")
-    return device, train, load_split(config.data.root, config.data.name, "val")
+    return device, load_run_split(config, "train"), load_run_split(config, "val")
 
 
 def build_backbone(config: Config, in_chans: int) -> nn.Module:

@@ -18,18 +18,24 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from metatransfer.config import Config
-from metatransfer.data.cache import ImageSplit, load_split
+from metatransfer.data.cache import ImageSplit
 from metatransfer.data.episodes import TaskIndices, TaskSampler, gather_episode
 from metatransfer.models.fuse import inference_copy
-from metatransfer.models.head import adapt_head, expand_head, head_logits
+from metatransfer.models.head import adapt_head, expand_head, head_logits, init_head_weight
 from metatransfer.models.scale_shift import apply_scale_shift, fold_scale_shift
-from metatransfer.phases.features import batch_statistics, build_backbone, extract_features, forward_images, load_pretrained_backbone
+from metatransfer.phases.cross_domain import load_foreign_split
+from metatransfer.phases.features import (
+    batch_statistics, build_backbone, extract_features, forward_images, load_pretrained_backbone, load_run_split,
+)
+from metatransfer.progress import progress_bar
 from metatransfer.run import checkpoint_exists, load_checkpoint, resolve_device, tensors_under, write_json
 
-__all__ = ["confidence_interval", "evaluate_features", "load_meta_model", "evaluate_split", "run"]
+__all__ = [
+    "confidence_interval", "evaluate_features", "load_meta_model", "load_start_model", "evaluate_split", "add_paired_gain",
+    "format_table", "score_run", "write_results", "run",
+]
 
 
 def confidence_interval(accuracies: np.ndarray) -> tuple[float, float]:
@@ -88,7 +94,7 @@ def _evaluate_per_episode(backbone, split: ImageSplit, tasks: TaskIndices, head_
     accuracies = []
     options = dict(mean=split.mean, std=split.std, device=device, amp=config.amp, channels_last=config.channels_last)
     with torch.no_grad(), batch_statistics(backbone):
-        for t in tqdm(range(tasks.n_tasks), desc="meta-test episodes", leave=False):
+        for t in progress_bar(range(tasks.n_tasks), desc="meta-test episodes", leave=False):
             one = TaskIndices(tasks.support[t : t + 1], tasks.query[t : t + 1], tasks.class_ids[t : t + 1], tasks.n_way, tasks.n_shot, tasks.n_query)
             episode = gather_episode(split.images, one)
             support_images = episode.support_images
@@ -103,6 +109,24 @@ def _evaluate_per_episode(backbone, split: ImageSplit, tasks: TaskIndices, head_
             predictions = head_logits(query, weight, bias).argmax(-1)
             accuracies.append((predictions == episode.query_labels.to(device)).float().mean().item())
     return np.asarray(accuracies)
+
+
+def _start_model(run_dir: Path, config: Config, in_chans: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """What meta-training starts from: the pre-trained backbone (identity SS) and theta at its
+    untrained init, drawn as meta-train draws it."""
+    backbone = load_pretrained_backbone(config, run_dir, in_chans)
+    generator = torch.Generator().manual_seed(config.seed)
+    weight = init_head_weight(config.meta_train.n_way, backbone.out_features, config.base_learner.init, generator=generator)
+    return backbone, weight, torch.zeros(config.meta_train.n_way)
+
+
+def load_start_model(run_dir: Path, config: Config, in_chans: int, device: torch.device) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The run's pre-trained start, ready to score on the same episodes as its meta-trained model."""
+    backbone, weight, bias = _start_model(run_dir, config, in_chans)
+    backbone.to(device)
+    if config.channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    return backbone.eval(), weight, bias
 
 
 def load_meta_model(run_dir: Path, config: Config, in_chans: int, device: torch.device) -> tuple[nn.Module, torch.Tensor, torch.Tensor, str]:
@@ -120,8 +144,7 @@ def load_meta_model(run_dir: Path, config: Config, in_chans: int, device: torch.
         weight, bias = tensors["head.weight"], tensors["head.bias"]
         source = f"meta_train/{config.meta_test.checkpoint}"
     elif checkpoint_exists(pre_stem):
-        backbone = load_pretrained_backbone(config, run_dir, in_chans)
-        weight, bias = torch.zeros(config.meta_train.n_way, backbone.out_features), torch.zeros(config.meta_train.n_way)
+        backbone, weight, bias = _start_model(run_dir, config, in_chans)
         source = "pretrain/best (no meta-training)"
     else:
         raise FileNotFoundError(f"{run_dir} has no meta_train/{config.meta_test.checkpoint} nor pretrain/best checkpoint; run `mtl pretrain` (and `mtl meta-train`) first.")
@@ -177,37 +200,82 @@ def evaluate_split(
     return results
 
 
+def add_paired_gain(result: dict[str, Any], start: dict[str, Any]) -> None:
+    """Put the start's score on the same episodes into `result`, with the paired gain: the mean of
+    the per-episode differences and its 95% CI, far tighter than two separate intervals."""
+    gain, gain_ci95 = confidence_interval(np.asarray(result["per_episode"]) - np.asarray(start["per_episode"]))
+    result.update(start_model="pretrain/best, untrained base-learner", start_accuracy=start["accuracy"], start_ci95=start["ci95"],
+                  gain=round(gain, 3), gain_ci95=round(gain_ci95, 3), start_per_episode=start["per_episode"])
+
+
 def format_table(results: Sequence[dict[str, Any]]) -> str:
-    lines = [f"{'dataset':<14} {'split':<5} {'way':>3} {'shot':>4} {'query':>5} {'episodes':>8}  accuracy (95% CI)"]
+    """The printed results; with a pre-trained start, its accuracy and the paired gain over it."""
+    paired = any("gain" in r for r in results)
+    header = f"{'dataset':<14} {'split':<5} {'way':>3} {'shot':>4} {'query':>5} {'episodes':>8}  accuracy (95% CI)"
+    lines = [header + ("   pre-trained start   paired gain" if paired else "")]
     for r in results:
-        lines.append(f"{r['dataset']:<14} {r['split']:<5} {r['way']:>3} {r['shot']:>4} {r['query']:>5} {r['episodes']:>8}  {r['accuracy']:6.2f} +- {r['ci95']:.2f}")
+        line = f"{r['dataset']:<14} {r['split']:<5} {r['way']:>3} {r['shot']:>4} {r['query']:>5} {r['episodes']:>8}  {r['accuracy']:6.2f} +- {r['ci95']:.2f}"
+        if "gain" in r:
+            line += f"     {r['start_accuracy']:6.2f} +- {r['start_ci95']:.2f}    {r['gain']:+6.2f} +- {r['gain_ci95']:.2f}"
+        lines.append(line)
     return "\n".join(lines)
 
 
-def run(config: Config, run_dir: Path, *, log=print) -> list[dict[str, Any]]:
-    """Score the run's model on its configured test episodes; write results.json and per-episode files."""
-    device = resolve_device(config.device)
-    split = load_split(config.data.root, config.data.name, config.meta_test.split)
-    backbone, weight, bias, source = load_meta_model(run_dir, config, split.images.shape[-1], device)
+def score_run(run_dir: Path, config: Config, split: ImageSplit, device: torch.device) -> tuple[list[dict[str, Any]], str]:
+    """The run's model on `split`'s seeded test episodes; a meta-trained model also gets its
+    pre-trained start scored on the very same episodes, and the paired gain over it."""
+    in_chans = split.images.shape[-1]
+    backbone, weight, bias, source = load_meta_model(run_dir, config, in_chans, device)
     test = config.meta_test
-    results = evaluate_split(
-        backbone, weight, bias, split, config, device, ways=test.n_way, shots=test.n_shot,
-        episodes=test.episodes, n_query=test.n_query, protocol=test.protocol, seed=test.seed,
-    )
+    options = dict(ways=test.n_way, shots=test.n_shot, episodes=test.episodes, n_query=test.n_query, protocol=test.protocol, seed=test.seed)
+    results = evaluate_split(backbone, weight, bias, split, config, device, **options)
+    if source.startswith("meta_train"):
+        start_backbone, start_weight, start_bias = load_start_model(run_dir, config, in_chans, device)
+        for result, start in zip(results, evaluate_split(start_backbone, start_weight, start_bias, split, config, device, **options)):
+            add_paired_gain(result, start)
     for result in results:
         result["model"], result["checkpoint"] = source, test.checkpoint
-        name = f"{result['way']}way-{result['shot']}shot-{result['protocol']}" + ("-last" if test.checkpoint == "last" else "")
-        write_json(run_dir / "meta_test" / f"episodes-{name}.json", {"per_episode_accuracy": result.pop("per_episode")})
+    return results, source
 
-    def key(result: dict[str, Any]) -> tuple:  # a new result replaces the old one of the same setting
+
+def write_results(results: list[dict[str, Any]], results_path: Path, episodes_dir: Path) -> None:
+    """Per-episode accuracies to `episodes_dir`; the summaries into `results_path`, where a new
+    result replaces the old one of the same setting and the others are kept."""
+    for result in results:
+        name = f"{result['way']}way-{result['shot']}shot-{result['protocol']}" + ("-last" if result["checkpoint"] == "last" else "")
+        episodes = {"per_episode_accuracy": result.pop("per_episode")}
+        if "start_per_episode" in result:
+            episodes["start_per_episode_accuracy"] = result.pop("start_per_episode")
+        write_json(episodes_dir / f"episodes-{name}.json", episodes)
+
+    def key(result: dict[str, Any]) -> tuple:
         return result["split"], result["way"], result["shot"], result["protocol"], result.get("checkpoint", "best")
 
     previous = []
-    results_path = run_dir / "results.json"
     if results_path.is_file():
         keys = {key(r) for r in results}
         previous = [r for r in json.loads(results_path.read_text()) if key(r) not in keys]
     write_json(results_path, previous + results)
+
+
+def run(config: Config, run_dir: Path, *, dataset: str | None = None, data_root: str | Path | None = None, log=print) -> list[dict[str, Any]]:
+    """Score the run's model on its configured test episodes; write results.json and per-episode files.
+
+    Args:
+        dataset: another prepared dataset to score the run on (cross-domain): its `meta_test.split`
+            is fitted to the run's input (size, channels, normalisation) and the results go to
+            `results-<dataset>.json` and `meta_test/<dataset>/`, never over the run's own.
+        data_root: where `dataset` is prepared (default: the run's `data.root`).
+    """
+    device = resolve_device(config.device)
+    if dataset is None:
+        split = load_run_split(config, config.meta_test.split)
+        results_path, episodes_dir = run_dir / "results.json", run_dir / "meta_test"
+    else:
+        split = load_foreign_split(config, data_root or config.data.root, dataset, config.meta_test.split)
+        results_path, episodes_dir = run_dir / f"results-{dataset}.json", run_dir / "meta_test" / dataset
+    results, source = score_run(run_dir, config, split, device)
+    write_results(results, results_path, episodes_dir)
     log(f"meta-test of {source} on {split.dataset}/{split.split}:")
     log(format_table(results))
     return results

@@ -11,6 +11,7 @@ tasks, and the gradients are averaged; the HT scheduler sees all tasks' accuraci
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from metatransfer.config import Config
 from metatransfer.data.episodes import Episode, TaskIndices, TaskSampler, gather_episode
@@ -27,8 +27,10 @@ from metatransfer.distributed import all_gather, all_reduce_gradients, all_reduc
 from metatransfer.models.head import adapt_head, expand_head, head_logits, init_head_weight, per_class_accuracy
 from metatransfer.models.scale_shift import apply_scale_shift, scale_shift_parameters
 from metatransfer.phases.features import backbone_meta, batch_statistics, forward_images, load_pretrained_backbone, start_phase
+from metatransfer.phases import pretrain
 from metatransfer.phases.hard_tasks import HardTaskScheduler
 from metatransfer.phases.meta_test import evaluate_split
+from metatransfer.progress import progress_bar
 from metatransfer.run import (
     MetricsLog, checkpoint_exists, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
     save_checkpoint, tensors_under, write_json,
@@ -112,6 +114,12 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     """Meta-train from `pretrain/best`; writes `meta_train/best` (by validation) and `meta_train/last`."""
     meta = config.meta_train
     log = log if is_main() else (lambda message: None)
+    if meta.val_seed == config.meta_test.seed:
+        raise ValueError(f"meta_train.val_seed={meta.val_seed} equals meta_test.seed, whose validation episodes chose the "
+                         "pre-training epoch; give meta-train validation its own seed.")
+    if config.model.init_from and not checkpoint_exists(run_dir / "pretrain" / "best"):
+        log(f"no pretrain/best in {run_dir}: meta-train starts from the --init-from backbone as it is (0 pre-training epochs)")
+        pretrain.run(dataclasses.replace(config, pretrain=dataclasses.replace(config.pretrain, epochs=0)), run_dir, log=log)
     device, train, val = start_phase(config)
     in_chans = train.images.shape[-1]
     backbone, trainable = prepare_meta_model(config, run_dir, in_chans)
@@ -176,23 +184,27 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         log(f"resuming meta-train at iteration {start}")
     metrics.rewind(["meta_train", "meta_train_val"], start if checkpoint_exists(last_stem) else -1)
 
+    trend: dict[str, float] = {}  # the last metrics line's loss and task accuracy, for the validation lines
+
     def validate(iteration: int) -> float:
         nonlocal best_accuracy
         result = evaluate_split(
             backbone, head_weight.detach(), head_bias.detach(), val, config, device, ways=[meta.n_way], shots=[meta.n_shot],
-            episodes=meta.val_episodes, n_query=config.meta_test.n_query, protocol="standard", seed=config.meta_test.seed,
+            episodes=meta.val_episodes, n_query=config.meta_test.n_query, protocol="standard", seed=meta.val_seed,
         )[0]
         metrics.log("meta_train_val", iteration, accuracy=result["accuracy"], ci95=result["ci95"])
         if result["accuracy"] > best_accuracy:
             best_accuracy = result["accuracy"]
             if is_main():
                 save_checkpoint(best_stem, model_tensors(), {**model_meta, "iteration": iteration, "val_accuracy": best_accuracy, "val_ci95": result["ci95"]})
+        trained = f"loss {trend['loss']:.3f}, task acc {trend['accuracy']:.1f}%, " if trend else ""
+        log(f"meta-train {iteration}/{meta.iterations}: {trained}val {result['accuracy']:.2f} +- {result['ci95']:.2f}% (best {best_accuracy:.2f}%)")
         return result["accuracy"]
 
     if start == 0:
         validate(0)
     started = time.time()
-    progress = tqdm(range(start, meta.iterations), desc="meta-train", initial=start, total=meta.iterations, dynamic_ncols=True, disable=not is_main())
+    progress = progress_bar(range(start, meta.iterations), desc="meta-train", initial=start, total=meta.iterations, dynamic_ncols=True, disable=not is_main())
     for iteration in progress:
         lr_ss, lr_head = _learning_rates(config, iteration)
         optimizer.param_groups[0]["lr"], optimizer.param_groups[1]["lr"] = lr_ss, lr_head
@@ -223,6 +235,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
                     record[f"{name}_tasks"] = len(values) * meta.n_tasks
             metrics.log("meta_train", done, **record)
             progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record.get('normal_task_accuracy', 0):.1f}")
+            trend.update(loss=record["loss"], accuracy=record.get("normal_task_accuracy", 0.0))
             window, losses = {"normal": [], "hard": []}, []
         if done % meta.val_every == 0 or done == meta.iterations:
             validate(done)

@@ -19,17 +19,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from metatransfer.config import Config
 from metatransfer.data.augment import augment_batch, to_float
 from metatransfer.distributed import all_reduce_gradients, all_reduce_sum, barrier, is_main, rank_slice
 from metatransfer.phases.features import backbone_meta, build_backbone, start_phase
 from metatransfer.phases.meta_test import evaluate_split
+from metatransfer.progress import progress_bar
 from metatransfer.run import (
     MetricsLog, autocast, checkpoint_exists, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
-    save_checkpoint, tensors_under,
+    save_checkpoint, tensors_under, write_json,
 )
+from metatransfer.transfer import load_init_backbone
 
 __all__ = ["learning_rate", "run"]
 
@@ -56,10 +57,11 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     parameters = list(backbone.parameters()) + list(head.parameters())
     optimizer = torch.optim.SGD(parameters, lr=pre.lr, momentum=pre.momentum, nesterov=pre.nesterov, weight_decay=pre.weight_decay)
     steps_per_epoch = len(train.labels) // pre.batch_size  # drop the ragged last batch: BN dislikes tiny ones
-    if steps_per_epoch == 0:
+    if steps_per_epoch == 0 and pre.epochs > 0:
         raise ValueError(f"The train split has {len(train.labels)} images, fewer than one batch of {pre.batch_size}; lower pretrain.batch_size.")
     shard = rank_slice(pre.batch_size, "pretrain.batch_size")  # this rank's part of each global batch
-    model_meta = {**backbone_meta(config, backbone, in_chans), "num_classes": train.num_classes, "dataset": config.data.name}
+    model_meta = {**backbone_meta(config, backbone, in_chans), "num_classes": train.num_classes, "dataset": config.data.name,
+                  "init_from": config.model.init_from, "init_sha256": config.model.init_sha256}
     metrics = MetricsLog(run_dir, enabled=is_main(), name="pretrain")
     last_stem, best_stem = run_dir / "pretrain" / "last", run_dir / "pretrain" / "best"
     start_epoch, start_step, best_accuracy = 0, 0, -1.0
@@ -93,7 +95,38 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
             barrier()
             return {"best_val_accuracy": best_accuracy}
         log(f"resuming pre-train at epoch {start_epoch}, step {start_step}")
+    elif config.model.init_from:  # transfer: start from another run's or bundle's backbone
+        provenance = load_init_backbone(config, backbone, in_chans, train.std)
+        if is_main():
+            write_json(run_dir / "init_from.json", provenance)
+        log(f"pre-train starts from {provenance['path']} ({provenance['kind']}, trained on {provenance['dataset']}); "
+            f"channels: {provenance['channel_conversion']}")
     metrics.rewind(["pretrain"], start_epoch if checkpoint_exists(last_stem) else -1)
+
+    def validate(epoch: int) -> dict[str, float]:
+        """Few-shot accuracy of the current features; a new best is saved as `pretrain/best`."""
+        nonlocal best_accuracy
+        result = evaluate_split(
+            backbone, torch.zeros(5, backbone.out_features), torch.zeros(5), val, config, device, ways=[5],
+            shots=[pre.val_shot], episodes=pre.val_episodes, n_query=config.meta_test.n_query, protocol="standard", seed=config.meta_test.seed,
+        )[0]
+        if result["accuracy"] > best_accuracy:
+            best_accuracy = result["accuracy"]
+            if is_main():
+                save_checkpoint(best_stem, {f"backbone.{k}": v for k, v in backbone.state_dict().items()},
+                                {**model_meta, "epoch": epoch, "val_accuracy": best_accuracy, "val_ci95": result["ci95"]})
+        return {"val_accuracy": result["accuracy"], "val_ci95": result["ci95"]}
+
+    if pre.epochs == 0:  # transfer as it is: the given backbone, scored once, is pretrain/best
+        if not config.model.init_from:
+            raise ValueError("pretrain.epochs=0 keeps the initial backbone, which only makes sense with --init-from (model.init_from).")
+        record = validate(0)
+        metrics.log("pretrain", 0, **record)
+        save_last(0, 0, torch.Generator().manual_seed(config.seed))
+        log(f"pre-train: 0 epochs, the --init-from backbone kept as pretrain/best (val {record['val_accuracy']:.2f} +- {record['val_ci95']:.2f}%)")
+        metrics.close()
+        barrier()
+        return {"best_val_accuracy": best_accuracy, "seconds": 0.0}
 
     started = time.time()
     for epoch in range(start_epoch, pre.epochs):
@@ -106,7 +139,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
             generator.set_state(generator_state)
         if not first_step:
             running = [0.0, 0, 0]
-        progress = tqdm(range(first_step, steps_per_epoch), desc=f"pre-train {epoch + 1}/{pre.epochs}", initial=first_step,
+        progress = progress_bar(range(first_step, steps_per_epoch), desc=f"pre-train {epoch + 1}/{pre.epochs}", initial=first_step,
                         total=steps_per_epoch, leave=False, dynamic_ncols=True, disable=not is_main())
         for step in progress:
             for group in optimizer.param_groups:
@@ -139,16 +172,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         record: dict[str, Any] = {"loss": running[0] / max(running[2], 1), "train_accuracy": 100 * running[1] / max(running[2], 1),
                                   "lr": optimizer.param_groups[0]["lr"], "epoch": epoch + 1}
         if (epoch + 1) % pre.val_every == 0 or epoch + 1 == pre.epochs:
-            result = evaluate_split(
-                backbone, torch.zeros(5, backbone.out_features), torch.zeros(5), val, config, device, ways=[5],
-                shots=[pre.val_shot], episodes=pre.val_episodes, n_query=config.meta_test.n_query, protocol="standard", seed=config.meta_test.seed,
-            )[0]
-            record.update(val_accuracy=result["accuracy"], val_ci95=result["ci95"])
-            if result["accuracy"] > best_accuracy:
-                best_accuracy = result["accuracy"]
-                if is_main():
-                    save_checkpoint(best_stem, {f"backbone.{k}": v for k, v in backbone.state_dict().items()},
-                                    {**model_meta, "epoch": epoch + 1, "val_accuracy": best_accuracy, "val_ci95": result["ci95"]})
+            record.update(validate(epoch + 1))
         metrics.log("pretrain", epoch + 1, **record)
         val_text = f", val {record['val_accuracy']:.2f} +- {record['val_ci95']:.2f}%" if "val_accuracy" in record else ""
         log(f"pre-train epoch {epoch + 1}/{pre.epochs}: loss {record['loss']:.3f}, train acc {record['train_accuracy']:.1f}%{val_text}")
