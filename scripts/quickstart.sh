@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install -q torch==2.13.0          # the CPU wheel; on a GPU machine: pip install torch
-.venv/bin/pip install -q -e ".[all]"
+.venv/bin/pip install -q -e ".[all,test]"   # test: the README's second command runs pytest
 if [ -d ../shared/data/omniglot ]; then
   .venv/bin/mtl data prepare omniglot --rotations --source ../shared/data/omniglot --root data
 else

@@ -84,6 +84,16 @@ def _results(run_dir: Path) -> list[dict[str, Any]]:
         return []
 
 
+def _init_lines(run_dir: Path) -> list[str]:
+    """Where a transfer run's backbone came from (its init_from.json), for the model card."""
+    path = run_dir / "init_from.json"
+    if not path.is_file():
+        return ["- backbone: pre-trained from scratch on the run's own base classes"]
+    init = json.loads(path.read_text())
+    return [f"- backbone started from `{init['path']}` ({init['kind']}, trained on {init['dataset']}), sha256 `{init['sha256']}`",
+            f"- channels: {init['channel_conversion']}; input normalisation: {init['normalisation']}"]
+
+
 def _model_card(bundle: dict[str, Any], run_dir: Path) -> str:
     config = read_run_config(run_dir)
     source, prep, spec = bundle["source"], bundle["preprocessing"], bundle["backbone"]
@@ -109,6 +119,7 @@ def _model_card(bundle: dict[str, Any], run_dir: Path) -> str:
         f"- mean {[round(v, 4) for v in prep['mean']]}, std {[round(v, 4) for v in prep['std']]}",
         "",
         "## Training settings",
+        *_init_lines(run_dir),
         f"- pre-train: {config.pretrain.epochs} epochs, batch {config.pretrain.batch_size}, lr {config.pretrain.lr} ({config.pretrain.schedule})",
         f"- meta-train: {config.meta_train.iterations} iterations, {config.meta_train.n_way}-way {config.meta_train.n_shot}-shot, "
         f"{config.meta_train.n_tasks} tasks per meta-batch, hard tasks {'on' if config.meta_train.hard_tasks.enabled else 'off'}",

@@ -23,6 +23,7 @@ network once the folded biases are added (`_add_folded_biases`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -121,6 +122,8 @@ def load_run_parts(run_dir: Path, *, data_root: str | Path | None = None) -> dic
     config = read_run_config(run_dir)
     root = Path(data_root) if data_root is not None else Path(config.data.root)
     preprocessing, manifest = _run_preprocessing(run_dir, config.data.name, root)
+    if config.data.mean:  # a transfer run normalised with its source's statistics (model.init_normalisation=source)
+        preprocessing = dataclasses.replace(preprocessing, mean=tuple(config.data.mean), std=tuple(config.data.std))
     backbone, weight, bias, source = load_meta_model(run_dir, config, preprocessing.channels, torch.device("cpu"))
     backbone = backbone.to(memory_format=torch.contiguous_format).float().eval()
     info = {
