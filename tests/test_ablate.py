@@ -96,3 +96,15 @@ def test_rows_are_chosen_and_ordered_by_short_name():
     assert parse_rows("pretrained,ft,ft+ht,ss,ss+ht") == list(ROWS)
     with pytest.raises(ValueError, match="choose from pretrained, ft, ft\\+ht, ss, ss\\+ht"):
         parse_rows("ss,hard")
+
+
+def test_meta_trained_rows_show_their_paired_gain_over_the_pre_trained_start(tmp_path):
+    records = [
+        {"row": "pre-trained, FC at test only", "shot": 1, "seed": 0, "checkpoint": "best", **_result(1, 50.0)},
+        {"row": "SS + HT", "shot": 1, "seed": 0, "checkpoint": "best", **_result(1, 51.0), "gain": 1.0, "gain_ci95": 0.25},
+        {"row": "SS + HT", "shot": 1, "seed": 1, "checkpoint": "best", **_result(1, 52.0), "gain": 2.0, "gain_ci95": 0.35},
+    ]
+    assert summarise(records)[("SS + HT", 1)]["gain"] == 1.5
+    text = write_table(records, tmp_path / "ablation.md", title="t")
+    assert "| SS + HT | 51.50 +- 0.50 [0.71, 2 seeds]; gain +1.50 +- 0.30 |" in text and "paired gain over the pre-trained start" in text
+    assert "| pre-trained, FC at test only | 50.00 +- 0.50 |" in text

@@ -139,6 +139,8 @@ def summarise(records: Sequence[dict[str, Any]], checkpoint: str = "best") -> di
         accuracies = np.array([r["accuracy"] for r in group])
         table[key] = {"accuracy": float(accuracies.mean()), "ci95": float(np.mean([r["ci95"] for r in group])),
                       "seed_std": float(accuracies.std(ddof=1)) if len(group) > 1 else 0.0, "seeds": len(group)}
+        if all("gain" in r for r in group):  # paired over the same episodes against the pre-trained start
+            table[key].update(gain=float(np.mean([r["gain"] for r in group])), gain_ci95=float(np.mean([r["gain_ci95"] for r in group])))
     return table
 
 
@@ -156,6 +158,9 @@ def write_table(records: Sequence[dict[str, Any]], path: Path, *, title: str) ->
     episodes = records[0]["episodes"] if records else 0
     lines = [f"# {title}", "", f"Accuracy in % on {episodes} seeded test episodes per run (mean +- 95% CI; "
              "with several seeds: mean over seeds, mean CI, and the std across seeds in brackets)."]
+    if any("gain" in entry for table in tables.values() for entry in table.values()):
+        lines += ["'gain': the paired gain over the pre-trained start (identity scaling-shifting, untrained base-learner) on the "
+                  "same episodes, mean of the per-episode differences +- its 95% CI (mean over seeds)."]
     if len(checkpoints) > 1:
         lines += ["'best val': the meta-train checkpoint with the best validation accuracy (iteration 0, "
                   "the pre-trained backbone, counts); 'last': the checkpoint after the final meta-iteration."]
@@ -169,7 +174,8 @@ def write_table(records: Sequence[dict[str, Any]], path: Path, *, title: str) ->
                 cells.append("-")
             else:
                 spread = f" [{entry['seed_std']:.2f}, {entry['seeds']} seeds]" if entry["seeds"] > 1 else ""
-                cells.append(f"{entry['accuracy']:.2f} +- {entry['ci95']:.2f}{spread}")
+                gain = f"; gain {entry['gain']:+.2f} +- {entry['gain_ci95']:.2f}" if "gain" in entry else ""
+                cells.append(f"{entry['accuracy']:.2f} +- {entry['ci95']:.2f}{spread}{gain}")
         if any(c != "-" for c in cells):
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
