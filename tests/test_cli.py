@@ -1,12 +1,16 @@
 """The `mtl` command: help, listings, config printing and error exits.
 
 Runs of the phases through the CLI (`mtl run`, `mtl meta-test`, resuming, refusing another config)
-are in tests/phases/test_phases.py, next to the small datasets they need.
+are in tests/phases/test_phases.py, next to the small datasets they need. Here: one process per run
+directory (a second `mtl run` on it exits 2), and a run logged to a file (no progress bars).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
 import subprocess
 import sys
 
@@ -135,3 +139,53 @@ def fake_dataset(tmp_path):
     write_cache(tmp_path / "data", "fake", {s: (images, labels, names) for s in SPLITS},
                 source_path=tmp_path, source_sha256=None, protocol="test", options={})
     return tmp_path / "data", "fake"
+
+
+def _mtl_run(data, out, **popen) -> subprocess.Popen:
+    """A real `mtl run --preset smoke` process on the small FC100 cache."""
+    root, name = data
+    command = [sys.executable, "-m", "metatransfer", "run", "--preset", "smoke", "--data-root", str(root), "--out", str(out),
+               f"data.name={name}", "device=cpu"]
+    return subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True, **popen)
+
+
+@pytest.mark.slow
+def test_two_runs_started_at_once_on_one_directory_the_second_exits_2_naming_the_first(fc100_small, tmp_path):
+    out = tmp_path / "run"
+    processes = [_mtl_run(fc100_small, out, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    errors = [process.communicate(timeout=300)[1] for process in processes]
+    codes = [process.returncode for process in processes]
+    assert sorted(codes) == [0, 2], errors
+    first, second = (processes[0], errors[1]) if codes[0] == 0 else (processes[1], errors[0])
+    refusal = next(line for line in second.splitlines() if line.startswith("mtl: error:"))
+    assert str(out) in refusal and f"pid {first.pid} " in refusal and "another --out" in refusal
+    steps = [(record["phase"], record["step"]) for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert len(steps) == len(set(steps)) and ("meta_train_val", 6) in steps  # each step logged once, by the first
+    assert (out / "results.json").is_file() and not (out / ".lock").exists()
+
+
+@pytest.mark.slow
+def test_a_run_logged_to_a_file_has_no_progress_bars_and_a_line_per_epoch_and_validation(fc100_small, tmp_path):
+    log = tmp_path / "run.log"
+    with open(log, "w") as output:  # as `nohup mtl run ... > run.log 2>&1`
+        assert _mtl_run(fc100_small, tmp_path / "run", stdout=output, stderr=subprocess.STDOUT).wait(timeout=300) == 0
+    raw = log.read_bytes()
+    assert b"\r" not in raw  # no tqdm redraws
+    text = raw.decode()
+    assert "pre-train epoch 1/1: loss" in text
+    validations = re.findall(r"^meta-train (\d+)/6: (?:loss [\d.]+, task acc [\d.]+%, )?val [\d.]+ \+- [\d.]+% \(best [\d.]+%\)$", text, re.M)
+    assert validations == ["0", "3", "6"], text
+    assert re.search(r"^meta-train 6/6: loss [\d.]+, task acc [\d.]+%, val ", text, re.M), text
+
+
+@pytest.mark.parametrize("command", [["run"], ["meta-test"], ["ablate", "--report-only"]])
+def test_a_command_on_a_run_dir_in_use_exits_2_and_writes_nothing(command, capsys, tmp_path):
+    from metatransfer.run import lock_run_dir
+
+    out = tmp_path / "run"
+    with lock_run_dir(out):
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        assert main([*command, "--preset", "smoke", "--out", str(out)]) == 2
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no config.yaml, no metrics
+    error = capsys.readouterr().err
+    assert error.startswith("mtl: error:") and f"pid {os.getpid()} " in error and "in use" in error

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ from metatransfer.run import (
     autocast,
     checkpoint_exists,
     load_checkpoint,
+    lock_run_dir,
     optimizer_from_tensors,
     optimizer_to_tensors,
     prepare_run_dir,
@@ -215,3 +220,46 @@ def test_autocast_computes_in_bf16_only_where_the_device_has_native_bf16(monkeyp
 
 def test_native_bf16_is_false_for_a_device_type_without_bf16_kernels():
     assert run_module.native_bf16("meta") is False
+
+
+def test_a_second_lock_on_a_held_run_dir_names_the_holder_and_writes_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    with lock_run_dir(run_dir):
+        holder = json.loads((run_dir / ".lock").read_text())
+        assert holder["pid"] == os.getpid() and holder["command"] == sys.argv and holder["host"] and holder["started"]
+        before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+        with pytest.raises(ValueError) as error:
+            with lock_run_dir(run_dir):  # flock: a second open file, even in this process, is another holder
+                pass
+        message = str(error.value)
+        assert str(run_dir) in message and f"pid {os.getpid()}" in message and "--out" in message
+        assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+    assert not (run_dir / ".lock").exists()  # released and removed on exit
+    with lock_run_dir(run_dir):
+        pass
+
+
+_HOLD_LOCK = """
+import sys, time
+from metatransfer.run import lock_run_dir
+with lock_run_dir(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_the_lock_of_a_process_killed_with_sigkill_is_free_at_once(tmp_path):
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=f"pid {holder.pid} "):
+            with lock_run_dir(run_dir):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    assert holder.returncode == -signal.SIGKILL
+    assert (run_dir / ".lock").exists()  # left behind by the killed process, but no longer locked
+    with lock_run_dir(run_dir):  # the kernel released it with the process: `--resume` can start now
+        assert json.loads((run_dir / ".lock").read_text())["pid"] == os.getpid()

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -117,11 +118,14 @@ def _run_phases(args: argparse.Namespace, phases: Sequence[str]) -> None:
     """Run the phases in order; under torchrun every rank trains, rank 0 alone writes and meta-tests."""
     from metatransfer import distributed
     from metatransfer.phases import meta_test, meta_train, pretrain
-    from metatransfer.run import prepare_run_dir
+    from metatransfer.run import lock_run_dir, prepare_run_dir
 
     config = _config_for(args)
     distributed.init_distributed(config.device)
+    held = contextlib.ExitStack()
     try:
+        if distributed.is_main():  # one process per run directory; the ranks of one torchrun are one user of it
+            held.enter_context(lock_run_dir(args.out))
         if distributed.is_main() and not getattr(args, "resume", None):  # a resumed run has its config.yaml
             prepare_run_dir(args.out, config)
         distributed.barrier()
@@ -131,17 +135,25 @@ def _run_phases(args: argparse.Namespace, phases: Sequence[str]) -> None:
                 modules[phase].run(config, args.out)
             distributed.barrier()
     finally:
+        held.close()
         distributed.cleanup()
 
 
 def _ablate(args: argparse.Namespace) -> None:
     import os
 
-    from metatransfer import ablate
+    from metatransfer.run import lock_run_dir
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("mtl ablate runs as one process; start it without torchrun (its runs are small).")
     config = _config_for(args)
+    with lock_run_dir(args.out):  # its runs and tables are written under --out
+        _ablate_locked(args, config)
+
+
+def _ablate_locked(args: argparse.Namespace, config) -> None:
+    from metatransfer import ablate
+
     shots = [int(part) for part in args.shots.split(",")]
     seeds = [int(part) for part in args.seeds.split(",")]
     if args.report_only:

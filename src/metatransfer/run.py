@@ -16,6 +16,8 @@ import hashlib
 import json
 import os
 import random
+import socket
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -34,6 +36,7 @@ __all__ = [
     "load_checkpoint",
     "checkpoint_exists",
     "prepare_run_dir",
+    "lock_run_dir",
     "read_run_config",
     "MetricsLog",
     "resolve_device",
@@ -199,6 +202,78 @@ def prepare_run_dir(run_dir: Path, config: Config) -> None:
     tmp = path.with_name(f".config.yaml.tmp-{os.getpid()}")
     tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
     os.replace(tmp, path)
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory for one process (the ranks of one torchrun are one user: rank 0 locks).
+
+    An exclusive `flock` on `run_dir/.lock`, created with the directory if need be. The holder
+    writes its pid, host, start time and command line into the file, and removes it when done. The
+    kernel drops the lock when the process ends, however it ends, so a run killed with SIGKILL can be
+    resumed at once (the file it leaves is taken over).
+
+    Raises:
+        ValueError: another process holds the directory; the message names it (pid, command) and
+            what to do. Nothing is written into the directory then.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows has no flock: runs there are not guarded against a second process
+        yield
+        return
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ValueError(
+                f"{run_dir} is in use by another process ({_lock_holder(path)}). Wait for it to finish (or stop it and "
+                "continue the run with --resume), or give this run another --out directory."
+            ) from None
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # the previous holder removed the file as it finished, after we opened it: lock the new one
+    try:
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S%z"), "command": list(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps(holder) + "\n").encode())
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # while still held, so that nobody locks a removed file
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        opened, named = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (opened.st_dev, opened.st_ino) == (named.st_dev, named.st_ino)
+
+
+def _lock_holder(path: Path) -> str:
+    """Who holds `path`, from what it wrote there; it writes just after taking the lock, so wait a moment for it."""
+    deadline = time.monotonic() + 2.0
+    while True:
+        try:
+            holder = json.loads(path.read_text())
+            command = " ".join(str(part) for part in holder.get("command", []))
+            return f"pid {holder['pid']} on {holder.get('host', '?')}, started {holder.get('started', '?')}: {command}"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            if time.monotonic() > deadline:
+                return f"it has not written who it is into {path}"
+            time.sleep(0.05)
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> Iterator[str]:

@@ -18,6 +18,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from metatransfer.progress import progress_bar
+
 __all__ = [
     "ImageRef",
     "IMAGE_SUFFIXES",
@@ -116,7 +118,7 @@ def decode_into(
     assert len(out) == len(refs)
     chunks = [(refs[i : i + _CHUNK], mode, size, invert) for i in range(0, len(refs), _CHUNK)]
     workers = _workers()
-    with tqdm(total=len(refs), desc=desc, unit="img", leave=False) as bar:
+    with progress_bar(total=len(refs), desc=desc, unit="img", leave=False) as bar:
         if len(refs) < _POOL_MIN or workers == 1:
             zips: dict[str, zipfile.ZipFile] = {}
             try:

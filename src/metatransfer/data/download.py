@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
+from metatransfer.progress import progress_bar
 
 __all__ = [
     "RemoteFile",
@@ -89,7 +89,7 @@ def download_file(
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
+            with progress_bar(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
                 while block := response.read(_CHUNK):
                     out.write(block)
                     digest.update(block)
