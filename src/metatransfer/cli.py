@@ -30,6 +30,12 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, needs_out: bool = Tru
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. meta_train.iterations=500")
 
 
+def _add_init_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--init-from", type=Path, metavar="RUN_OR_BUNDLE",
+                        help="start from this run's pre-trained backbone or `mtl export` bundle (transfer to a new domain; "
+                             "same backbone and width; pretrain.epochs=0 keeps it as it is)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtl", description="Meta-Transfer Learning for few-shot image classification.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -54,10 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="all three phases: pre-train, meta-train, meta-test")
     _add_run_arguments(run)
+    _add_init_argument(run)
     for name, text in (("pretrain", "phase 1: pre-train the backbone on the base classes"),
-                       ("meta-train", "phase 2: meta-transfer (scaling-shifting + base-learner init, hard tasks)"),
-                       ("meta-test", "phase 3: few-shot accuracy with 95%% CI on unseen classes")):
-        _add_run_arguments(commands.add_parser(name, help=text))
+                       ("meta-train", "phase 2: meta-transfer (scaling-shifting + base-learner init, hard tasks)")):
+        phase = commands.add_parser(name, help=text)
+        _add_run_arguments(phase)
+        _add_init_argument(phase)
+    meta_test = commands.add_parser("meta-test", help="phase 3: few-shot accuracy with 95%% CI on unseen classes")
+    _add_run_arguments(meta_test)
+    meta_test.add_argument("--dataset", help="score the run on another prepared dataset (cross-domain); results go to "
+                                             "results-<dataset>.json in the run, not over results.json")
+    meta_test.add_argument("--split", choices=["train", "val", "test"], help="with --dataset: its split to score (default test)")
 
     ablate = commands.add_parser("ablate", help="the paper's ablation rows (FT/SS, with/without HT) on one pre-trained backbone")
     _add_run_arguments(ablate)
@@ -92,18 +105,26 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_for(args: argparse.Namespace):
     from metatransfer.config import apply_overrides, load_config
     from metatransfer.run import read_run_config
+    from metatransfer.transfer import resolve_init
 
+    if getattr(args, "dataset", None) and not getattr(args, "resume", None):
+        raise ValueError("--dataset scores a trained run on another dataset: give the run with --resume RUN.")
     if getattr(args, "resume", None):
         # Scoring a finished run another way (more ways, the last checkpoint, ...) leaves its model alone.
         rescoring = args.command == "meta-test" and all(text.startswith("meta_test.") for text in args.overrides)
-        if args.preset or (args.overrides and not rescoring):
-            raise ValueError("--resume continues a run as it was configured; leave out --preset and overrides "
+        if args.preset or getattr(args, "init_from", None) or (args.overrides and not rescoring):
+            raise ValueError("--resume continues a run as it was configured; leave out --preset, --init-from and overrides "
                              "(only `mtl meta-test --resume RUN` takes meta_test.* overrides).")
-        return apply_overrides(read_run_config(args.out), args.overrides)
+        config = apply_overrides(read_run_config(args.out), args.overrides)
+        if getattr(args, "split", None):
+            config = apply_overrides(config, [f"meta_test.split={args.split}"])
+        return config if args.command == "meta-test" else resolve_init(config)
     overrides = list(args.overrides)
     if args.data_root:
         overrides.insert(0, f"data.root={args.data_root}")
-    return load_config(args.preset, overrides)
+    if getattr(args, "init_from", None):
+        overrides.append(f"model.init_from={args.init_from}")
+    return resolve_init(load_config(args.preset, overrides))
 
 
 def _resolve_out(args: argparse.Namespace) -> None:
@@ -131,7 +152,9 @@ def _run_phases(args: argparse.Namespace, phases: Sequence[str]) -> None:
         distributed.barrier()
         modules = {"pretrain": pretrain, "meta-train": meta_train, "meta-test": meta_test}
         for phase in phases:
-            if phase != "meta-test" or distributed.is_main():
+            if phase == "meta-test" and getattr(args, "dataset", None):
+                meta_test.run(config, args.out, dataset=args.dataset, data_root=args.data_root)
+            elif phase != "meta-test" or distributed.is_main():
                 modules[phase].run(config, args.out)
             distributed.barrier()
     finally:
