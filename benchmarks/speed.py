@@ -49,7 +49,7 @@ from metatransfer.data.augment import to_float
 from metatransfer.data.cache import load_split
 from metatransfer.data.episodes import TaskIndices, TaskSampler, gather_episode
 from metatransfer.models.backbones import create_backbone
-from metatransfer.models.head import adapt_head, expand_head, head_logits, init_head_weight
+from metatransfer.models.head import BaseLearner, adapt_head, expand_head, head_logits, init_head_weight
 from metatransfer.models.scale_shift import apply_scale_shift, scale_shift_parameters
 from metatransfer.models.fuse import inference_copy
 from metatransfer.phases.features import extract_features
@@ -173,7 +173,7 @@ def bench_meta_test(args, backbone: nn.Module, split, theta_w, theta_b) -> dict:
         tasks = tasks_sampler.sample(episodes)
         sample_s = time.perf_counter() - tick
         tick = time.perf_counter()
-        accuracies = evaluate_features(features, tasks, theta_w, theta_b, steps=steps, lr=lr)
+        accuracies = evaluate_features(features, tasks, theta_w, theta_b, learner=BaseLearner(steps=steps, lr=lr))
         evaluate_s = time.perf_counter() - tick
         ours_total = extract_s + sample_s + evaluate_s
         base_total = base_per_episode * episodes
@@ -189,7 +189,7 @@ def bench_meta_test(args, backbone: nn.Module, split, theta_w, theta_b) -> dict:
 
     # Accuracy on the baseline's own episodes: same backbone, same theta, same maths.
     index = lambda idx: features[torch.from_numpy(idx)]  # noqa: E731
-    ours_acc = evaluate_features(features, baseline_tasks, theta_w, theta_b, steps=steps, lr=lr)
+    ours_acc = evaluate_features(features, baseline_tasks, theta_w, theta_b, learner=BaseLearner(steps=steps, lr=lr))
     ours_pred = closed_form_predictions(index(baseline_tasks.support), index(baseline_tasks.query), baseline_tasks, theta_w, theta_b, steps=steps, lr=lr)
     # Control: our closed-form loop on the baseline's own fp32 features isolates maths from bf16.
     support32 = torch.stack([s for s, _ in base_features])

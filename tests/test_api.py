@@ -148,7 +148,7 @@ def test_classifier_agrees_with_the_meta_test_protocol(smoke_run, prepared_fc100
     prep = model.preprocessing
     features = extract_features(model.backbone, images, mean=prep.mean, std=prep.std, device=torch.device("cpu"),
                                 amp=False, channels_last=False)
-    expected = evaluate_features(features, tasks, model.head_weight, model.head_bias, steps=model.steps, lr=model.lr)[0]
+    expected = evaluate_features(features, tasks, model.head_weight, model.head_bias, learner=model.learner, temperature=model.temperature)[0]
     labels = np.repeat(np.arange(5), N_SHOT)
     model.fit(split.images[support], labels)
     predicted = np.asarray(model.predict(split.images[query]))

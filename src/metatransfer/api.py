@@ -2,7 +2,7 @@
 
 Two steps, as easyfsl's `FewShotClassifier`: `fit(support_images, labels)` fine-tunes the
 base-learner (one FC layer, from the meta-learned initialisation theta) on the support features
-with the closed-form batched inner loop of `models.head.adapt_head`; `predict` / `predict_proba`
+with the batched inner loop of `models.head.BaseLearner`; `predict` / `predict_proba`
 score query images with the adapted FC. The backbone (scaling-shifting folded into its convs) is
 frozen throughout: Sun et al., CVPR 2019, section 4 (meta-test phase).
 
@@ -35,7 +35,7 @@ from PIL import Image, ImageOps
 from metatransfer.data._decode import RESAMPLE
 from metatransfer.data.augment import to_float
 from metatransfer.loading import BUNDLE_FILE, Preprocessing, load_bundle_parts, load_run_parts
-from metatransfer.models.head import adapt_head, expand_head, head_logits
+from metatransfer.models.head import BaseLearner
 from metatransfer.phases.features import batch_statistics
 
 __all__ = ["ImageLike", "Preprocessing", "load_image", "load_images", "FewShotClassifier"]
@@ -130,6 +130,9 @@ class FewShotClassifier:
         head_bias: (N0,).
         preprocessing: how inputs are prepared (`Preprocessing`).
         steps, lr: the inner loop's settings (the run's `base_learner.steps` and `.lr`).
+        learner: the run's whole base-learner (`models.head.BaseLearner`: prototype init, cosine
+            logits); when given, it supersedes `steps` and `lr`.
+        temperature: the cosine logits' (meta-learned) temperature.
         device: where features and fine-tuning run ("auto", "cpu", "cuda", ...).
         bn_mode: "frozen" (running statistics) or "batch" (the support set and the query set each
             normalised by their own statistics, the transductive mode of the TF code).
@@ -148,6 +151,8 @@ class FewShotClassifier:
         device: str | torch.device = "cpu",
         bn_mode: str = "frozen",
         info: dict[str, Any] | None = None,
+        learner: BaseLearner | None = None,
+        temperature: float = 1.0,
     ) -> None:
         from metatransfer.run import resolve_device
 
@@ -158,7 +163,8 @@ class FewShotClassifier:
         self.head_weight = head_weight.detach().float().to(self.device)
         self.head_bias = head_bias.detach().float().to(self.device)
         self.preprocessing = preprocessing
-        self.steps, self.lr, self.bn_mode = int(steps), float(lr), bn_mode
+        self.learner = learner if learner is not None else BaseLearner(steps=int(steps), lr=float(lr))
+        self.steps, self.lr, self.bn_mode, self.temperature = self.learner.steps, self.learner.lr, bn_mode, float(temperature)
         self.info = dict(info or {})
         self.classes_: list[Hashable] = []
         self._weight: torch.Tensor | None = None
@@ -250,9 +256,9 @@ class FewShotClassifier:
         index = {label: position for position, label in enumerate(classes)}
         support = self.features(support_images)  # (M, D)
         targets = torch.tensor([index[label] for label in labels], device=self.device)
-        weight, bias = expand_head(self.head_weight, self.head_bias, len(classes), 1)
-        # The closed-form inner loop needs no autograd: it runs the same under torch.no_grad().
-        weight, bias = adapt_head(support.unsqueeze(0), targets.unsqueeze(0), weight, bias, steps=self.steps, lr=self.lr)
+        # The same base-learner as meta-train and meta-test (it takes care of autograd where it needs it).
+        weight, bias = self.learner.adapt(support.unsqueeze(0), targets.unsqueeze(0), self.head_weight, self.head_bias, len(classes),
+                                          temperature=self.temperature)
         self.classes_, self._weight, self._bias = classes, weight.detach(), bias.detach()
         return self
 
@@ -265,7 +271,7 @@ class FewShotClassifier:
         """Class probabilities, (n_images, n_classes) float32; columns follow `classes_`."""
         self._check_fitted()
         query = self.features(images).unsqueeze(0)  # (1, n, D)
-        logits = head_logits(query, self._weight, self._bias)[0]
+        logits = self.learner.logits_of(query, self._weight, self._bias, self.temperature)[0]
         return torch.softmax(logits, dim=-1).cpu().numpy()
 
     def predict(self, images: Sequence[ImageLike] | np.ndarray) -> list[Hashable]:

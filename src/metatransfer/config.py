@@ -89,6 +89,16 @@ class BaseLearnerConfig:
     steps: int = 100  # gradient steps on the support set (PyTorch port: 100; TF code: 20)
     lr: float = 0.01  # step size on the mean cross-entropy
     init: str = "zeros"  # theta's start: zeros (see docs/method.md), kaiming (PyTorch port), xavier (TF code)
+    # Where each task's FC starts: theta (MTL) | prototypes: its support class means (E3BM's
+    # "feature" init), with theta added as a learned offset.
+    fc_init: str = "theta"
+    prototype_centre: bool = False  # prototypes minus the task's mean prototype
+    prototype_normalise: bool = False  # prototypes scaled to unit length
+    prototype_scale: float = 1.0  # prototypes times this
+    logits: str = "linear"  # linear: w.f + b (MTL) | cosine: temperature * cos(f, w) + b (Meta-Baseline, E3BM)
+    temperature: float = 10.0  # scale of cosine logits (Meta-Baseline starts at 10, E3BM uses 8)
+    learn_temperature: bool = False  # meta-learn the temperature (at meta_train.lr_head)
+    learn_theta: bool = True  # False: theta stays at its init (with zeros and prototypes: no offset)
 
 
 @dataclass
@@ -159,6 +169,8 @@ _CHOICES = {
     "model.init_normalisation": ("dataset", "source"),
     "pretrain.schedule": ("cosine", "step"),
     "base_learner.init": ("kaiming", "xavier", "zeros"),
+    "base_learner.fc_init": ("theta", "prototypes"),
+    "base_learner.logits": ("linear", "cosine"),
     "meta_test.protocol": ("standard", "paper"),
     "meta_test.split": ("train", "val", "test"),
     "meta_test.checkpoint": ("best", "last"),

@@ -123,7 +123,8 @@ def _model_card(bundle: dict[str, Any], run_dir: Path) -> str:
         f"- pre-train: {config.pretrain.epochs} epochs, batch {config.pretrain.batch_size}, lr {config.pretrain.lr} ({config.pretrain.schedule})",
         f"- meta-train: {config.meta_train.iterations} iterations, {config.meta_train.n_way}-way {config.meta_train.n_shot}-shot, "
         f"{config.meta_train.n_tasks} tasks per meta-batch, hard tasks {'on' if config.meta_train.hard_tasks.enabled else 'off'}",
-        f"- base-learner (used again at prediction): {bundle['base_learner']['steps']} steps, lr {bundle['base_learner']['lr']}",
+        f"- base-learner (used again at prediction): {bundle['base_learner']['steps']} steps, lr {bundle['base_learner']['lr']}, "
+        f"FC init {bundle['base_learner']['fc_init']}, {bundle['base_learner']['logits']} logits",
         "",
         "## Results (meta-test, from the run's results.json)",
     ]
@@ -179,7 +180,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str, *, data_root:
     tmp.mkdir()
     try:
         _write_backbone(backbone, tmp / FORMATS[fmt], fmt, example)
-        save_file({"head.weight": parts["head_weight"].contiguous(), "head.bias": parts["head_bias"].contiguous()}, str(tmp / HEAD_FILE))
+        save_file({"head.weight": parts["head_weight"].contiguous(), "head.bias": parts["head_bias"].contiguous(),
+                   "head.temperature": torch.tensor(float(parts["temperature"]))}, str(tmp / HEAD_FILE))
         bundle = {
             "format_version": BUNDLE_FORMAT,
             "format": fmt,
@@ -190,7 +192,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str, *, data_root:
             "input": {"name": "images", "dtype": "float32", "layout": "(batch, channels, height, width)",
                       "normalisation": "(pixel / 255 - mean) / std"},
             "preprocessing": prep.to_dict(),
-            "base_learner": {"steps": parts["steps"], "lr": parts["lr"]},
+            "base_learner": parts["learner"].to_dict(),
             "bn_mode": parts["bn_mode"],
             "source": {key: info[key] for key in ("run_dir", "checkpoint", "dataset", "dataset_protocol", "adapt", "ss_mode", "ss_shortcuts")},
             "sha256": {name: sha256_file(tmp / name) for name in (FORMATS[fmt], HEAD_FILE)},

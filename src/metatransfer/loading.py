@@ -12,7 +12,8 @@ A bundle is a folder holding
     bundle.json          format, backbone name/width/in_chans, preprocessing (image size, channels,
                          mean, std, invert), base-learner settings (steps, lr), file checksums
     backbone.safetensors | backbone.onnx | backbone.pt    the backbone in the chosen format
-    head.safetensors     the meta-learned FC initialisation theta: head.weight (N0, D), head.bias (N0,)
+    head.safetensors     the meta-learned FC initialisation theta: head.weight (N0, D), head.bias (N0,),
+                         head.temperature () (cosine logits)
     MODEL_CARD.md        backbone, data, training settings, results with 95% CI
 
 Every backbone file maps normalised float32 images (batch, channels, size, size), i.e.
@@ -36,6 +37,7 @@ from safetensors.torch import load_file
 from metatransfer.data._sources import sha256_file
 from metatransfer.data.cache import read_manifest
 from metatransfer.models.backbones import create_backbone
+from metatransfer.models.head import BaseLearner
 from metatransfer.phases.meta_test import load_meta_model
 from metatransfer.run import read_run_config
 
@@ -124,7 +126,7 @@ def load_run_parts(run_dir: Path, *, data_root: str | Path | None = None) -> dic
     preprocessing, manifest = _run_preprocessing(run_dir, config.data.name, root)
     if config.data.mean:  # a transfer run normalised with its source's statistics (model.init_normalisation=source)
         preprocessing = dataclasses.replace(preprocessing, mean=tuple(config.data.mean), std=tuple(config.data.std))
-    backbone, weight, bias, source = load_meta_model(run_dir, config, preprocessing.channels, torch.device("cpu"))
+    backbone, weight, bias, temperature, source = load_meta_model(run_dir, config, preprocessing.channels, torch.device("cpu"))
     backbone = backbone.to(memory_format=torch.contiguous_format).float().eval()
     info = {
         "source": f"{run_dir} ({source})",
@@ -143,6 +145,7 @@ def load_run_parts(run_dir: Path, *, data_root: str | Path | None = None) -> dic
     return {
         "backbone": backbone, "head_weight": weight, "head_bias": bias, "preprocessing": preprocessing,
         "steps": config.base_learner.steps, "lr": config.base_learner.lr, "bn_mode": config.model.bn_mode, "info": info,
+        "learner": BaseLearner.from_config(config.base_learner), "temperature": temperature,
     }
 
 
@@ -235,4 +238,6 @@ def load_bundle_parts(export_dir: Path) -> dict[str, Any]:
         "backbone": bundle_backbone(export_dir, bundle), "head_weight": head["head.weight"], "head_bias": head["head.bias"],
         "preprocessing": Preprocessing.from_dict({key: bundle["preprocessing"][key] for key in keys}),
         "steps": bundle["base_learner"]["steps"], "lr": bundle["base_learner"]["lr"], "bn_mode": bundle["bn_mode"], "info": info,
+        "learner": BaseLearner.from_config(bundle["base_learner"]),  # older bundles hold steps and lr only: the defaults
+        "temperature": float(head["head.temperature"]) if "head.temperature" in head else 1.0,
     }

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from metatransfer.models.head import (
+    BaseLearner,
     adapt_head,
     expand_head,
     head_logits,
@@ -194,3 +195,70 @@ def test_init_head_weight_shapes_and_seeding(kind):
 def test_init_head_weight_unknown_kind():
     with pytest.raises(ValueError, match="orthogonal"):
         init_head_weight(5, 8, "orthogonal")
+
+
+# --- BaseLearner: the options on top of the linear inner loop --------------------------------------
+
+
+def test_base_learner_by_default_is_the_closed_form_linear_loop():
+    support, labels, query, _, weight, bias = _task()
+    learner = BaseLearner(steps=5, lr=0.5)
+    expected = adapt_head(support, labels, *expand_head(weight, bias, N, T), steps=5, lr=0.5)
+    adapted = learner.adapt(support, labels, weight, bias, N)
+    assert all(torch.equal(a, e) for a, e in zip(adapted, expected))
+    assert torch.equal(learner.logits_of(query, *adapted), head_logits(query, *expected))
+
+
+def test_prototype_init_starts_at_the_class_means_plus_theta():
+    support, labels, _, _, weight, bias = _task()
+    means = torch.stack([support[:, labels[0] == c].mean(1) for c in range(N)], dim=1)  # (T, N, D)
+    start, _ = BaseLearner(steps=0, lr=0.1, fc_init="prototypes").adapt(support, labels, weight, bias, N)
+    assert torch.allclose(start, means + weight)
+    shaped = BaseLearner(steps=0, lr=0.1, fc_init="prototypes", prototype_centre=True, prototype_normalise=True, prototype_scale=3.0)
+    start, _ = shaped.adapt(support, labels, torch.zeros_like(weight), bias, N)
+    centred = means - means.mean(1, keepdim=True)
+    assert torch.allclose(start, 3.0 * centred / centred.norm(dim=-1, keepdim=True))
+
+
+def test_cosine_logits_are_temperature_times_cosine_plus_bias():
+    support, _, _, _, weight, bias = _task()
+    logits = BaseLearner(steps=0, lr=0.1, logits="cosine").logits_of(support, *expand_head(weight, bias, N, T), 7.0)
+    expected = 7.0 * F.cosine_similarity(support.unsqueeze(2), weight.view(1, 1, N, D), dim=-1) + bias
+    assert torch.allclose(logits, expected)
+
+
+def test_cosine_inner_loop_is_gradient_descent_on_each_task_and_lowers_its_loss():
+    support, labels, _, _, weight, bias = _task()
+    learner = BaseLearner(steps=4, lr=0.3, logits="cosine")
+    adapted_w, adapted_b = learner.adapt(support, labels, weight, bias, N, temperature=5.0)
+    for t in range(T):  # the reference: one task, plain SGD with autograd
+        w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        for _ in range(4):
+            logits = 5.0 * F.normalize(support[t], dim=-1) @ F.normalize(w, dim=-1).T + b
+            grad_w, grad_b = torch.autograd.grad(F.cross_entropy(logits, labels[t]), (w, b))
+            w, b = w - 0.3 * grad_w, b - 0.3 * grad_b
+        assert torch.allclose(adapted_w[t], w) and torch.allclose(adapted_b[t], b)
+    before = F.cross_entropy(learner.logits_of(support, *expand_head(weight, bias, N, T), 5.0).flatten(0, 1), labels.flatten())
+    after = F.cross_entropy(learner.logits_of(support, adapted_w, adapted_b, 5.0).flatten(0, 1), labels.flatten())
+    assert after < before
+
+
+def test_cosine_second_order_reaches_features_and_temperature_first_order_only_theta_and_temperature():
+    for second_order in (True, False):
+        support, labels, query, query_labels, weight, bias = _task()
+        support.requires_grad_()
+        theta, temperature = weight.clone().requires_grad_(), torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
+        learner = BaseLearner(steps=3, lr=0.3, logits="cosine")
+        w, b = learner.adapt(support, labels, theta, bias, N, temperature=temperature, second_order=second_order)
+        F.cross_entropy(learner.logits_of(query, w, b, temperature).flatten(0, 1), query_labels.flatten()).backward()
+        assert theta.grad is not None and theta.grad.abs().sum() > 0 and temperature.grad is not None
+        assert (support.grad is not None and support.grad.abs().sum() > 0) == second_order
+
+
+def test_base_learner_reads_config_and_older_bundles():
+    from metatransfer.config import BaseLearnerConfig
+
+    learner = BaseLearner.from_config(BaseLearnerConfig(fc_init="prototypes", logits="cosine", steps=7))
+    assert (learner.fc_init, learner.logits, learner.steps) == ("prototypes", "cosine", 7)
+    assert BaseLearner.from_config(learner.to_dict()) == learner
+    assert BaseLearner.from_config({"steps": 3, "lr": 0.2}) == BaseLearner(steps=3, lr=0.2)  # a bundle from before the options

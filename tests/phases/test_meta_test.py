@@ -12,6 +12,7 @@ from metatransfer.data.cache import load_split
 from metatransfer.data.episodes import TaskSampler
 from metatransfer.models.backbones import create_backbone
 from metatransfer.models.fuse import inference_copy
+from metatransfer.models.head import BaseLearner
 from metatransfer.phases.features import extract_features
 
 CPU = torch.device("cpu")
@@ -48,6 +49,6 @@ def test_only_the_used_images_are_extracted_and_accuracies_equal_those_of_the_wh
     plain = inference_copy(backbone)
     whole = extract_features(plain, split.images, **options)
     flipped = extract_features(plain, split.images, flip=True, **options) if protocol == "paper" else None
-    expected = meta_test.evaluate_features(whole, tasks, theta_w, theta_b, steps=config.base_learner.steps,
-                                           lr=config.base_learner.lr, flipped=flipped)
+    expected = meta_test.evaluate_features(whole, tasks, theta_w, theta_b, learner=BaseLearner.from_config(config.base_learner),
+                                           temperature=config.base_learner.temperature, flipped=flipped)
     assert results[0]["per_episode"] == expected.round(4).tolist()

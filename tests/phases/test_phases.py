@@ -194,6 +194,37 @@ def test_fine_tuning_ablation_meta_trains_the_convs(smoke_run, fc100_small, tmp_
     assert 0 <= result["accuracy"] <= 100
 
 
+def test_base_learner_options_meta_train_and_reach_meta_test_predict_and_export(smoke_run, fc100_small, tmp_path):
+    """Prototype init, cosine logits with a learned temperature and a frozen theta: meta-train learns
+    only what it should, and meta-test, the Python API and an export bundle score with the same learner."""
+    import numpy as np
+    import torch
+
+    from metatransfer.api import FewShotClassifier
+    from metatransfer.export import export_run
+
+    options = ["base_learner.fc_init=prototypes", "base_learner.prototype_normalise=true", "base_learner.logits=cosine",
+               "base_learner.learn_temperature=true", "base_learner.learn_theta=false", "meta_train.lr_head=0.1"]
+    config = _variant(smoke_run, tmp_path / "run", fc100_small, options)
+    meta_train.run(config, tmp_path / "run", log=_quiet)
+    last = load_file(str(tmp_path / "run" / "meta_train" / "last.safetensors"))
+    assert torch.equal(last["head.weight"], torch.zeros_like(last["head.weight"]))  # frozen theta: no offset learned
+    assert last["head.temperature"].item() != pytest.approx(10.0)  # the temperature was meta-learned
+    (result,) = meta_test.run(config, tmp_path / "run", log=_quiet)
+    assert {"gain", "start_accuracy"} <= set(result)
+    split = load_split(*fc100_small, "test")
+    support, query = np.flatnonzero(split.labels < 3)[::8][:6], np.flatnonzero(split.labels < 3)[1::8][:6]
+    from_run = FewShotClassifier.from_run(tmp_path / "run", device="cpu")
+    best = load_file(str(tmp_path / "run" / "meta_train" / "best.safetensors"))  # what the run's model is
+    assert from_run.learner.logits == "cosine" and from_run.temperature == pytest.approx(best["head.temperature"].item())
+    export_run(tmp_path / "run", tmp_path / "bundle", "safetensors", log=_quiet)
+    from_bundle = FewShotClassifier.from_export(tmp_path / "bundle", device="cpu")
+    assert from_bundle.learner == from_run.learner and from_bundle.temperature == pytest.approx(from_run.temperature)
+    for model in (from_run, from_bundle):
+        model.fit(split.images[support], split.labels[support])
+    assert np.allclose(from_run.predict_proba(split.images[query]), from_bundle.predict_proba(split.images[query]), atol=1e-4)
+
+
 def test_meta_test_without_meta_training_uses_the_pretrained_backbone(smoke_run, fc100_small, tmp_path):
     config = _variant(smoke_run, tmp_path, fc100_small, [])
     (result,) = meta_test.run(config, tmp_path, log=_quiet)

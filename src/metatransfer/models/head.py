@@ -1,4 +1,5 @@
-"""The linear base-learner of MTL and its inner loop, vectorised over tasks.
+"""The base-learner of MTL and its inner loop, vectorised over tasks: the one module that
+meta-train, validation, meta-test, the Python API and export all call.
 
 The base-learner is one FC layer on frozen features; only it is fine-tuned on a task's support set
 (Sun et al. 2019, section 4.2). Because the features are fixed inside the inner loop, the gradient
@@ -6,14 +7,23 @@ of the mean cross-entropy has a closed form, (softmax - onehot) / M times the fe
 step is two batched matrix products for all T tasks at once: no autograd graph per step, no Python
 loop per task. The closed form is itself made of differentiable ops, so keeping it in the graph
 gives exact second-order meta-gradients for free, and detaching it gives the first-order ones.
+
+`BaseLearner` holds the options on top (all off by default, MTL as published): the task's FC may
+start at its support prototypes (class means, optionally centred, normalised and scaled: E3BM's
+"feature" init) with theta as a learned offset, and the logits may be cosine similarities times a
+temperature (Meta-Baseline, Chen et al. ICCV 2021; E3BM). Cosine logits have no closed-form step;
+their inner loop uses autograd, with the same first/second-order semantics.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["head_logits", "adapt_head", "init_head_weight", "expand_head", "per_class_accuracy"]
+__all__ = ["BaseLearner", "head_logits", "adapt_head", "init_head_weight", "expand_head", "per_class_accuracy"]
 
 
 def head_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -98,3 +108,92 @@ def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, n_way: int) -
     counts = torch.zeros_like(hits).scatter_add_(1, labels, torch.ones_like(correct))
     return hits / counts.clamp(min=1)
 
+
+
+def class_means(features: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
+    """(T, M, D) support features, (T, M) labels -> (T, n_way, D) per-class mean features."""
+    onehot = F.one_hot(labels, n_way).to(features.dtype)  # (T, M, N)
+    return torch.bmm(onehot.transpose(1, 2), features) / onehot.sum(dim=1).clamp(min=1).unsqueeze(-1)
+
+
+def _adapt_by_autograd(loss_fn, weight: torch.Tensor, bias: torch.Tensor, *, steps: int, lr: float,
+                       second_order: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient descent on `loss_fn(weight, bias)`; second order keeps each step in the graph, first
+    order treats the step directions as constants (theta keeps its identity path)."""
+    with torch.enable_grad():
+        for _ in range(steps):
+            if second_order:
+                w = weight if weight.requires_grad else weight.detach().requires_grad_()
+                b = bias if bias.requires_grad else bias.detach().requires_grad_()
+            else:
+                w, b = weight.detach().requires_grad_(), bias.detach().requires_grad_()
+            grad_w, grad_b = torch.autograd.grad(loss_fn(w, b), (w, b), create_graph=second_order)
+            weight, bias = (w if second_order else weight) - lr * grad_w, (b if second_order else bias) - lr * grad_b
+    return weight, bias
+
+
+@dataclass(frozen=True)
+class BaseLearner:
+    """How each task's FC is started, fine-tuned on the support set and read out (config `base_learner`).
+
+    Meta-train, validation, meta-test, `FewShotClassifier` and export bundles build it from the same
+    settings, so a model is scored exactly as it was meta-trained.
+
+    Args:
+        steps, lr: gradient steps on the support set's mean cross-entropy, and their size.
+        fc_init: "theta" (the FC starts at theta) or "prototypes" (at the support class means, plus theta).
+        prototype_centre, prototype_normalise, prototype_scale: how prototypes are shaped.
+        logits: "linear" or "cosine" (temperature * cosine similarity + bias).
+    """
+
+    steps: int
+    lr: float
+    fc_init: str = "theta"
+    prototype_centre: bool = False
+    prototype_normalise: bool = False
+    prototype_scale: float = 1.0
+    logits: str = "linear"
+
+    @classmethod
+    def from_config(cls, config: Any) -> "BaseLearner":
+        """From a `BaseLearnerConfig` (or a bundle's `base_learner` dict; missing keys take their defaults)."""
+        values = config if isinstance(config, dict) else asdict(config)
+        names = cls.__dataclass_fields__
+        return cls(**{key: value for key, value in values.items() if key in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def initial_head(self, support: torch.Tensor, labels: torch.Tensor, theta_weight: torch.Tensor, theta_bias: torch.Tensor,
+                     n_way: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each task's FC before fine-tuning: (T, n_way, D) weight and (T, n_way) bias."""
+        weight, bias = expand_head(theta_weight, theta_bias, n_way, support.shape[0])
+        if self.fc_init == "prototypes":
+            prototypes = class_means(support, labels, n_way)
+            if self.prototype_centre:
+                prototypes = prototypes - prototypes.mean(dim=1, keepdim=True)
+            if self.prototype_normalise:
+                prototypes = F.normalize(prototypes, dim=-1)
+            weight = weight + self.prototype_scale * prototypes
+        return weight, bias
+
+    def logits_of(self, features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                  temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
+        """(T, M, D) features -> (T, M, N) logits of the task heads."""
+        if self.logits == "cosine":
+            return temperature * torch.bmm(F.normalize(features, dim=-1), F.normalize(weight, dim=-1).transpose(1, 2)) + bias.unsqueeze(1)
+        return head_logits(features, weight, bias)
+
+    def adapt(self, support: torch.Tensor, labels: torch.Tensor, theta_weight: torch.Tensor, theta_bias: torch.Tensor, n_way: int, *,
+              temperature: torch.Tensor | float = 1.0, second_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start each task's FC and fine-tune it on the (T, M, D) support features with (T, M) labels."""
+        weight, bias = self.initial_head(support, labels, theta_weight, theta_bias, n_way)
+        if self.logits == "linear":  # the closed-form step
+            return adapt_head(support, labels, weight, bias, steps=self.steps, lr=self.lr, second_order=second_order)
+        if not second_order:
+            support = support.detach()
+
+        def loss(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(self.logits_of(support, w, b, temperature).flatten(0, 1), labels.flatten()) * support.shape[0]
+
+        return _adapt_by_autograd(loss, weight, bias, steps=self.steps, lr=self.lr, second_order=second_order)

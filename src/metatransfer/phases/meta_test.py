@@ -23,7 +23,7 @@ from metatransfer.config import Config
 from metatransfer.data.cache import ImageSplit
 from metatransfer.data.episodes import TaskIndices, TaskSampler, gather_episode
 from metatransfer.models.fuse import inference_copy
-from metatransfer.models.head import adapt_head, expand_head, head_logits, init_head_weight
+from metatransfer.models.head import BaseLearner, init_head_weight
 from metatransfer.models.scale_shift import apply_scale_shift, fold_scale_shift
 from metatransfer.phases.cross_domain import load_foreign_split
 from metatransfer.phases.features import (
@@ -62,8 +62,8 @@ def evaluate_features(
     head_weight: torch.Tensor,
     head_bias: torch.Tensor,
     *,
-    steps: int,
-    lr: float,
+    learner: BaseLearner,
+    temperature: torch.Tensor | float = 1.0,
     flipped: torch.Tensor | None = None,
     chunk: int = 500,
 ) -> np.ndarray:
@@ -75,9 +75,9 @@ def evaluate_features(
             tasks.n_way, tasks.n_shot, tasks.n_query,
         )
         support, support_labels, query, query_labels = _support_query(features, part, flipped)
-        weight, bias = expand_head(head_weight.to(features.device), head_bias.to(features.device), tasks.n_way, part.n_tasks)
-        weight, bias = adapt_head(support, support_labels, weight, bias, steps=steps, lr=lr)
-        predictions = head_logits(query, weight, bias).argmax(dim=-1)
+        weight, bias = learner.adapt(support, support_labels, head_weight.to(features.device), head_bias.to(features.device), tasks.n_way,
+                                     temperature=temperature)
+        predictions = learner.logits_of(query, weight, bias, temperature).argmax(dim=-1)
         accuracies.append((predictions == query_labels).float().mean(dim=1).cpu())
     return torch.cat(accuracies).numpy()
 
@@ -89,7 +89,8 @@ def _on_used_images(all_tasks: Sequence[TaskIndices]) -> tuple[np.ndarray, list[
                   for t in all_tasks]
 
 
-def _evaluate_per_episode(backbone, split: ImageSplit, tasks: TaskIndices, head_weight, head_bias, config: Config, device, paper: bool) -> np.ndarray:
+def _evaluate_per_episode(backbone, split: ImageSplit, tasks: TaskIndices, head_weight, head_bias, config: Config, device, paper: bool,
+                          temperature) -> np.ndarray:
     """Transductive BN: each episode's support and query sets are normalised by their own statistics."""
     accuracies = []
     options = dict(mean=split.mean, std=split.std, device=device, amp=config.amp, channels_last=config.channels_last)
@@ -104,9 +105,9 @@ def _evaluate_per_episode(backbone, split: ImageSplit, tasks: TaskIndices, head_
                 support_labels = torch.cat([support_labels, support_labels], dim=1)
             support = forward_images(backbone, support_images, **options).unsqueeze(0)
             query = forward_images(backbone, episode.query_images, **options).unsqueeze(0)
-            weight, bias = expand_head(head_weight.to(device), head_bias.to(device), tasks.n_way, 1)
-            weight, bias = adapt_head(support, support_labels, weight, bias, steps=config.base_learner.steps, lr=config.base_learner.lr)
-            predictions = head_logits(query, weight, bias).argmax(-1)
+            learner = BaseLearner.from_config(config.base_learner)
+            weight, bias = learner.adapt(support, support_labels, head_weight.to(device), head_bias.to(device), tasks.n_way, temperature=temperature)
+            predictions = learner.logits_of(query, weight, bias, temperature).argmax(-1)
             accuracies.append((predictions == episode.query_labels.to(device)).float().mean().item())
     return np.asarray(accuracies)
 
@@ -129,9 +130,10 @@ def load_start_model(run_dir: Path, config: Config, in_chans: int, device: torch
     return backbone.eval(), weight, bias
 
 
-def load_meta_model(run_dir: Path, config: Config, in_chans: int, device: torch.device) -> tuple[nn.Module, torch.Tensor, torch.Tensor, str]:
-    """The meta-trained backbone (SS folded) and theta; without meta-training, the pre-trained
-    backbone with a zero head (the paper's 'no meta-training' row). Returns a source label too."""
+def load_meta_model(run_dir: Path, config: Config, in_chans: int, device: torch.device) -> tuple[nn.Module, torch.Tensor, torch.Tensor, float, str]:
+    """The meta-trained backbone (SS folded), theta and the cosine temperature; without meta-training,
+    the pre-trained backbone with theta at its untrained init (the paper's 'no meta-training' row).
+    Returns a source label too."""
     meta_stem, pre_stem = run_dir / "meta_train" / config.meta_test.checkpoint, run_dir / "pretrain" / "best"
     if checkpoint_exists(meta_stem):
         backbone = build_backbone(config, in_chans)
@@ -142,16 +144,18 @@ def load_meta_model(run_dir: Path, config: Config, in_chans: int, device: torch.
         backbone.load_state_dict(tensors_under(tensors, "backbone"))
         fold_scale_shift(backbone)
         weight, bias = tensors["head.weight"], tensors["head.bias"]
+        temperature = float(tensors["head.temperature"]) if "head.temperature" in tensors else config.base_learner.temperature
         source = f"meta_train/{config.meta_test.checkpoint}"
     elif checkpoint_exists(pre_stem):
         backbone, weight, bias = _start_model(run_dir, config, in_chans)
+        temperature = config.base_learner.temperature
         source = "pretrain/best (no meta-training)"
     else:
         raise FileNotFoundError(f"{run_dir} has no meta_train/{config.meta_test.checkpoint} nor pretrain/best checkpoint; run `mtl pretrain` (and `mtl meta-train`) first.")
     backbone.to(device)
     if config.channels_last:
         backbone.to(memory_format=torch.channels_last)
-    return backbone.eval(), weight.float(), bias.float(), source
+    return backbone.eval(), weight.float(), bias.float(), temperature, source
 
 
 def evaluate_split(
@@ -168,8 +172,11 @@ def evaluate_split(
     n_query: int,
     protocol: str,
     seed: int,
+    temperature: torch.Tensor | float | None = None,
 ) -> list[dict[str, Any]]:
-    """Score a backbone + theta on seeded episodes of one split, for every (way, shot)."""
+    """Score a backbone + theta on seeded episodes of one split, for every (way, shot); the base
+    learner is `config.base_learner`'s, with `temperature` (default: its configured value)."""
+    temperature = config.base_learner.temperature if temperature is None else temperature
     paper = protocol == "paper"
     options = dict(mean=split.mean, std=split.std, device=device, amp=config.amp, channels_last=config.channels_last)
     frozen = config.model.bn_mode == "frozen"
@@ -188,9 +195,10 @@ def evaluate_split(
     results = []
     for n_way, n_shot, query, tasks in settings:
         if frozen:
-            accuracies = evaluate_features(features, tasks, head_weight, head_bias, steps=config.base_learner.steps, lr=config.base_learner.lr, flipped=flipped)
+            accuracies = evaluate_features(features, tasks, head_weight, head_bias, learner=BaseLearner.from_config(config.base_learner),
+                                           temperature=temperature, flipped=flipped)
         else:
-            accuracies = _evaluate_per_episode(backbone, split, tasks, head_weight, head_bias, config, device, paper)
+            accuracies = _evaluate_per_episode(backbone, split, tasks, head_weight, head_bias, config, device, paper, temperature)
         accuracy, ci95 = confidence_interval(accuracies)
         results.append({
             "dataset": split.dataset, "split": split.split, "way": n_way, "shot": n_shot, "query": query,
@@ -225,10 +233,10 @@ def score_run(run_dir: Path, config: Config, split: ImageSplit, device: torch.de
     """The run's model on `split`'s seeded test episodes; a meta-trained model also gets its
     pre-trained start scored on the very same episodes, and the paired gain over it."""
     in_chans = split.images.shape[-1]
-    backbone, weight, bias, source = load_meta_model(run_dir, config, in_chans, device)
+    backbone, weight, bias, temperature, source = load_meta_model(run_dir, config, in_chans, device)
     test = config.meta_test
     options = dict(ways=test.n_way, shots=test.n_shot, episodes=test.episodes, n_query=test.n_query, protocol=test.protocol, seed=test.seed)
-    results = evaluate_split(backbone, weight, bias, split, config, device, **options)
+    results = evaluate_split(backbone, weight, bias, split, config, device, temperature=temperature, **options)
     if source.startswith("meta_train"):
         start_backbone, start_weight, start_bias = load_start_model(run_dir, config, in_chans, device)
         for result, start in zip(results, evaluate_split(start_backbone, start_weight, start_bias, split, config, device, **options)):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from metatransfer.config import Config
 from metatransfer.data.episodes import Episode, TaskIndices, TaskSampler, gather_episode
 from metatransfer.distributed import all_gather, all_reduce_gradients, all_reduce_sum, barrier, is_main, rank_slice, world_size
-from metatransfer.models.head import adapt_head, expand_head, head_logits, init_head_weight, per_class_accuracy
+from metatransfer.models.head import BaseLearner, init_head_weight, per_class_accuracy
 from metatransfer.models.scale_shift import apply_scale_shift, scale_shift_parameters
 from metatransfer.phases.features import backbone_meta, batch_statistics, forward_images, load_pretrained_backbone, start_phase
 from metatransfer.phases import pretrain
@@ -80,19 +80,18 @@ def _task_features(backbone: nn.Module, episode: Episode, config: Config, device
 
 def meta_batch_loss(
     backbone: nn.Module, head_weight: torch.Tensor, head_bias: torch.Tensor, episode: Episode,
-    config: Config, device: torch.device, mean, std,
+    config: Config, device: torch.device, mean, std, temperature: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Query loss of the adapted base-learners, plus (T, N) per-class query accuracy and loss."""
     n_way = head_weight.shape[0]
+    learner = BaseLearner.from_config(config.base_learner)
+    temperature = config.base_learner.temperature if temperature is None else temperature
     support, query = _task_features(backbone, episode, config, device, mean, std)
     if config.meta_train.first_order:
         support = support.detach()
-    weight, bias = expand_head(head_weight, head_bias, n_way, support.shape[0])
-    weight, bias = adapt_head(
-        support, episode.support_labels.to(device), weight, bias,
-        steps=config.base_learner.steps, lr=config.base_learner.lr, second_order=not config.meta_train.first_order,
-    )
-    logits = head_logits(query, weight, bias)
+    weight, bias = learner.adapt(support, episode.support_labels.to(device), head_weight, head_bias, n_way,
+                                 temperature=temperature, second_order=not config.meta_train.first_order)
+    logits = learner.logits_of(query, weight, bias, temperature)
     labels = episode.query_labels.to(device)
     losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
     with torch.no_grad():
@@ -129,10 +128,13 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(config.seed)
     head_weight = nn.Parameter(init_head_weight(meta.n_way, backbone.out_features, config.base_learner.init, generator=generator).to(device))
     head_bias = nn.Parameter(torch.zeros(meta.n_way, device=device))
-    optimizer = torch.optim.Adam([
-        {"params": trainable, "lr": meta.lr_ss},
-        {"params": [head_weight, head_bias], "lr": meta.lr_head},
-    ])
+    head_temperature = nn.Parameter(torch.tensor(config.base_learner.temperature, device=device))
+    learned_head = [head_weight, head_bias] if config.base_learner.learn_theta else []
+    learned_head += [head_temperature] if config.base_learner.learn_temperature else []
+    for parameter in (head_weight, head_bias, head_temperature):
+        parameter.requires_grad_(any(parameter is learned for learned in learned_head))
+    groups = [{"params": trainable, "lr": meta.lr_ss, "name": "adapt"}]
+    optimizer = torch.optim.Adam(groups + ([{"params": learned_head, "lr": meta.lr_head, "name": "head"}] if learned_head else []))
     sampler = TaskSampler(train.labels, n_way=meta.n_way, n_shot=meta.n_shot, n_query=meta.n_query, seed=config.seed, class_names=train.class_names)
     hard = HardTaskScheduler(meta.hard_tasks, meta.n_way)
     model_meta = {**backbone_meta(config, backbone, in_chans), "adapt": config.model.adapt, "ss_mode": config.model.ss_mode,
@@ -146,7 +148,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
 
     def model_tensors() -> dict[str, torch.Tensor]:
         tensors = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
-        return {**tensors, "head.weight": head_weight.detach(), "head.bias": head_bias.detach()}
+        return {**tensors, "head.weight": head_weight.detach(), "head.bias": head_bias.detach(), "head.temperature": head_temperature.detach()}
 
     def save_last(iteration: int) -> None:
         if not is_main():
@@ -169,6 +171,8 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         with torch.no_grad():
             head_weight.copy_(tensors["head.weight"])
             head_bias.copy_(tensors["head.bias"])
+            if "head.temperature" in tensors:  # runs from before the base-learner options have none
+                head_temperature.copy_(tensors["head.temperature"])
         optimizer_from_tensors(optimizer, tensors, saved["optimizer"], "optimizer")
         torch.set_rng_state(tensors["rng.torch"])
         sampler.load_state_dict(saved["sampler"])
@@ -190,6 +194,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         nonlocal best_accuracy
         result = evaluate_split(
             backbone, head_weight.detach(), head_bias.detach(), val, config, device, ways=[meta.n_way], shots=[meta.n_shot],
+            temperature=head_temperature.detach(),
             episodes=meta.val_episodes, n_query=config.meta_test.n_query, protocol="standard", seed=meta.val_seed,
         )[0]
         metrics.log("meta_train_val", iteration, accuracy=result["accuracy"], ci95=result["ci95"])
@@ -207,11 +212,13 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     progress = progress_bar(range(start, meta.iterations), desc="meta-train", initial=start, total=meta.iterations, dynamic_ncols=True, disable=not is_main())
     for iteration in progress:
         lr_ss, lr_head = _learning_rates(config, iteration)
-        optimizer.param_groups[0]["lr"], optimizer.param_groups[1]["lr"] = lr_ss, lr_head
+        for index, group in enumerate(optimizer.param_groups):  # 0: SS (or FT); 1, if learned: theta / temperature
+            group["lr"] = lr_ss if index == 0 else lr_head
         kind = hard.next_kind(iteration)
         tasks = hard.sample(kind, sampler, meta.n_tasks)
         episode = gather_episode(train.images, _task_slice(tasks, shard))
-        loss, accuracy, class_loss = meta_batch_loss(backbone, head_weight, head_bias, episode, config, device, train.mean, train.std)
+        loss, accuracy, class_loss = meta_batch_loss(backbone, head_weight, head_bias, episode, config, device, train.mean, train.std,
+                                                     temperature=head_temperature)
         loss_value = all_reduce_sum(loss.detach()).item() / world_size()  # every rank checks the same value
         if not np.isfinite(loss_value):
             raise FloatingPointError(
@@ -220,7 +227,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        all_reduce_gradients([*trainable, head_weight, head_bias])
+        all_reduce_gradients([*trainable, *learned_head])
         optimizer.step()
         accuracy, class_loss = all_gather(accuracy), all_gather(class_loss)  # (T, N): every task, in order
         hard.observe(kind, tasks, accuracy, class_loss)
