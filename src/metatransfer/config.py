@@ -55,6 +55,7 @@ class ModelConfig:
     adapt: str = "ss"  # what meta-transfer learns in the backbone: ss (scale-shift) | ft (all convs)
     ss_mode: str = "kernel"  # scale per (out, in) kernel slice (paper's code) or per out "channel"
     ss_shortcuts: bool = False  # also scale-shift the 1x1 shortcut convs (PyTorch port does)
+    ss_bn_affine: bool = False  # also meta-learn BatchNorm's weight and bias with SS (the PyTorch port's setting)
     bn_mode: str = "frozen"  # frozen running statistics | batch (transductive, the TF code's way)
     # Transfer (`--init-from`): a run directory (its pretrain/best) or an `mtl export` safetensors
     # bundle whose backbone starts pre-training; "" = random init. See metatransfer/transfer.py.
@@ -77,6 +78,7 @@ class PretrainConfig:
     lr_step: int = 30  # epochs between decays, for schedule=step
     lr_gamma: float = 0.2  # decay factor, for schedule=step
     label_smoothing: float = 0.0
+    save_epochs: list[int] = field(default_factory=list)  # also keep pretrain/epoch-N for these N (meta_train.init_checkpoint)
     val_every: int = 1  # epochs between few-shot validations that pick the best checkpoint
     val_episodes: int = 600
     val_shot: int = 1  # 5-way val_shot episodes, a fresh FC fine-tuned on frozen features
@@ -131,6 +133,9 @@ class MetaTrainConfig:
     # meta_test.seed, whose validation episodes picked the pre-training epoch: scoring iteration 0
     # on those again would hand the start a winner's-curse bonus that later iterations must beat.
     val_seed: int = 2
+    augment: bool = False  # apply the pre-training augmentation (data.augment, hflip, jitter) to episode images
+    ss_l2: float = 0.0  # weight of sum((scale - 1)^2) + sum(shift^2): a pull of SS back toward identity
+    init_checkpoint: str = "best"  # the pre-trained backbone meta-training starts from: best | last | epoch-N (pretrain.save_epochs)
     hard_tasks: HardTaskConfig = field(default_factory=HardTaskConfig)
 
 

@@ -225,6 +225,53 @@ def test_base_learner_options_meta_train_and_reach_meta_test_predict_and_export(
     assert np.allclose(from_run.predict_proba(split.images[query]), from_bundle.predict_proba(split.images[query]), atol=1e-4)
 
 
+def _scale_drift(run_dir: Path) -> float:
+    last = load_file(str(run_dir / "meta_train" / "last.safetensors"))
+    return sum(float((last[k] - 1).abs().sum()) for k in last if k.endswith(".scale"))
+
+
+def test_meta_training_options_augment_pull_to_identity_and_bn_affine(smoke_run, fc100_small, tmp_path):
+    common = ["meta_train.lr_ss=0.05"]
+    plain = _variant(smoke_run, tmp_path / "plain", fc100_small, common)
+    meta_train.run(plain, tmp_path / "plain", log=_quiet)
+    pulled = _variant(smoke_run, tmp_path / "pulled", fc100_small, [*common, "meta_train.ss_l2=100", "meta_train.augment=true",
+                                                                      "model.ss_bn_affine=true"])
+    meta_train.run(pulled, tmp_path / "pulled", log=_quiet)
+    assert _scale_drift(tmp_path / "pulled") < 0.5 * _scale_drift(tmp_path / "plain")  # the L2 pull holds SS near identity
+    pretrained = load_file(str(smoke_run / "pretrain" / "best.safetensors"))
+    for run, learned in (("plain", False), ("pulled", True)):
+        last = load_file(str(tmp_path / run / "meta_train" / "last.safetensors"))
+        bn = [k for k in pretrained if k.startswith("backbone.features") and k.endswith(".1.weight")]  # conv4: conv, BN, ...
+        assert bn and any(not last[k].equal(pretrained[k]) for k in bn) == learned
+
+
+def test_meta_train_augment_is_seeded_by_iteration():
+    import torch
+
+    from metatransfer.phases.meta_train import _augmentation
+
+    config = load_config("smoke", ["meta_train.augment=true"])
+    images = torch.randn(4, 3, 8, 8)
+    assert torch.equal(_augmentation(config, 5, "cpu")(images), _augmentation(config, 5, "cpu")(images))
+    assert not torch.equal(_augmentation(config, 5, "cpu")(images), images)
+    assert _augmentation(load_config("smoke"), 5, "cpu") is None
+
+
+def test_meta_training_starts_from_a_chosen_pre_training_epoch(fc100_small, tmp_path):
+    out = tmp_path / "run"
+    args = _run_args(fc100_small, out, "pretrain.epochs=2", "pretrain.save_epochs=1", "meta_train.init_checkpoint=epoch-1")
+    assert main(["pretrain", *args]) == 0 and main(["meta-train", *args]) == 0
+    epoch_1 = load_file(str(out / "pretrain" / "epoch-1.safetensors"))
+    meta = json.loads((out / "pretrain" / "epoch-1.json").read_text())
+    assert meta["epoch"] == 1 and not epoch_1["backbone.features.0.0.weight"].equal(
+        load_file(str(out / "pretrain" / "last.safetensors"))["backbone.features.0.0.weight"])
+    start = load_file(str(out / "meta_train" / "best.safetensors"))  # iteration 0 or later: frozen convs are epoch 1's
+    assert start["backbone.features.0.0.weight"].equal(epoch_1["backbone.features.0.0.weight"])
+    config = load_config("smoke", [f"data.root={fc100_small[0]}", f"data.name={fc100_small[1]}", "meta_train.init_checkpoint=epoch-7"])
+    with pytest.raises(FileNotFoundError, match="epoch-7.json is missing.*save_epochs"):
+        meta_train.prepare_meta_model(config, out, 3)
+
+
 def test_meta_test_without_meta_training_uses_the_pretrained_backbone(smoke_run, fc100_small, tmp_path):
     config = _variant(smoke_run, tmp_path, fc100_small, [])
     (result,) = meta_test.run(config, tmp_path, log=_quiet)

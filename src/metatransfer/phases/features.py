@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from metatransfer.models.backbones import create_backbone
 from metatransfer.data.cache import ImageSplit, load_split
 from metatransfer.run import autocast, load_checkpoint, resolve_device, seed_everything, tensors_under
 
-__all__ = ["load_run_split", "start_phase", "build_backbone", "backbone_meta", "load_pretrained_backbone", "extract_features", "batch_statistics", "forward_images"]
+__all__ = ["load_run_split", "start_phase", "build_backbone", "backbone_meta", "pretrained_stem", "load_pretrained_backbone", "extract_features", "batch_statistics", "forward_images"]
 
 
 def load_run_split(config: Config, split: str) -> ImageSplit:
@@ -61,10 +61,19 @@ def backbone_meta(config: Config, backbone: nn.Module, in_chans: int) -> dict:
     }
 
 
+def pretrained_stem(config: Config, run_dir: Path) -> Path:
+    """The pre-training checkpoint meta-training starts from (`meta_train.init_checkpoint`)."""
+    name = config.meta_train.init_checkpoint
+    if name not in ("best", "last") and not (name.startswith("epoch-") and name[6:].isdigit()):
+        raise ValueError(f"meta_train.init_checkpoint must be best, last or epoch-N (with N in pretrain.save_epochs); got {name!r}.")
+    return Path(run_dir) / "pretrain" / name
+
+
 def load_pretrained_backbone(config: Config, run_dir: Path, in_chans: int) -> nn.Module:
-    """The run's `pretrain/best` backbone, rebuilt from the config; a checkpoint of another model is an error."""
+    """The run's pre-trained backbone (`pretrain/best`, or `meta_train.init_checkpoint`), rebuilt from
+    the config; a checkpoint of another model is an error."""
     backbone = build_backbone(config, in_chans)
-    tensors, _ = load_checkpoint(Path(run_dir) / "pretrain" / "best", expect=backbone_meta(config, backbone, in_chans))
+    tensors, _ = load_checkpoint(pretrained_stem(config, run_dir), expect=backbone_meta(config, backbone, in_chans))
     backbone.load_state_dict(tensors_under(tensors, "backbone"))
     return backbone
 
@@ -94,9 +103,13 @@ def forward_images(
     device: torch.device,
     amp: bool,
     channels_last: bool,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """uint8 (..., H, W, C) images -> float32 (B, D) features, in the backbone's current mode."""
+    """uint8 (..., H, W, C) images -> float32 (B, D) features, in the backbone's current mode;
+    `augment` maps the normalised (B, C, H, W) batch first (meta_train.augment)."""
     x = to_float(images, mean, std, device=device, channels_last=channels_last)
+    if augment is not None:
+        x = augment(x)
     with autocast(device, amp):
         return backbone(x).float()
 

@@ -22,11 +22,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from metatransfer.config import Config
+from metatransfer.data.augment import augment_batch
 from metatransfer.data.episodes import Episode, TaskIndices, TaskSampler, gather_episode
 from metatransfer.distributed import all_gather, all_reduce_gradients, all_reduce_sum, barrier, is_main, rank_slice, world_size
 from metatransfer.models.head import BaseLearner, init_head_weight, per_class_accuracy
-from metatransfer.models.scale_shift import apply_scale_shift, scale_shift_parameters
-from metatransfer.phases.features import backbone_meta, batch_statistics, forward_images, load_pretrained_backbone, start_phase
+from metatransfer.models.scale_shift import apply_scale_shift, scale_shift_parameters, scale_shift_penalty
+from metatransfer.phases.features import (
+    backbone_meta, batch_statistics, forward_images, load_pretrained_backbone, pretrained_stem, start_phase,
+)
 from metatransfer.phases import pretrain
 from metatransfer.phases.hard_tasks import HardTaskScheduler
 from metatransfer.phases.meta_test import evaluate_split
@@ -40,16 +43,21 @@ __all__ = ["prepare_meta_model", "meta_batch_loss", "run"]
 
 
 def prepare_meta_model(config: Config, run_dir: Path, in_chans: int) -> tuple[nn.Module, list[nn.Parameter]]:
-    """The pre-trained backbone with its convs frozen and SS attached (or, for FT, convs trainable)."""
-    stem = run_dir / "pretrain" / "best"
+    """The pre-trained backbone with its convs frozen and SS attached (or, for FT, convs trainable);
+    with `model.ss_bn_affine`, BatchNorm's weight and bias are meta-learned with SS."""
+    stem = pretrained_stem(config, run_dir)
     if not checkpoint_exists(stem):
-        raise FileNotFoundError(f"{stem}.json is missing: meta-transfer starts from a pre-trained backbone; run `mtl pretrain --out {run_dir}` first.")
+        raise FileNotFoundError(f"{stem}.json is missing: meta-transfer starts from a pre-trained backbone; run `mtl pretrain --out {run_dir}` first"
+                                + (" (with this epoch in pretrain.save_epochs)." if stem.name.startswith("epoch-") else "."))
     backbone = load_pretrained_backbone(config, run_dir, in_chans)
     for parameter in backbone.parameters():
         parameter.requires_grad_(False)
     if config.model.adapt == "ss":
         apply_scale_shift(backbone, mode=config.model.ss_mode, include_shortcuts=config.model.ss_shortcuts)
         trainable = scale_shift_parameters(backbone)
+        if config.model.ss_bn_affine:
+            norms = [p for m in backbone.modules() if isinstance(m, nn.BatchNorm2d) for p in (m.weight, m.bias)]
+            trainable += [p.requires_grad_(True) for p in norms]
     else:
         trainable = [p for m in backbone.modules() if isinstance(m, nn.Conv2d) for p in m.parameters()]
         for parameter in trainable:
@@ -57,9 +65,10 @@ def prepare_meta_model(config: Config, run_dir: Path, in_chans: int) -> tuple[nn
     return backbone, trainable
 
 
-def _task_features(backbone: nn.Module, episode: Episode, config: Config, device: torch.device, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+def _task_features(backbone: nn.Module, episode: Episode, config: Config, device: torch.device, mean, std,
+                   augment=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(T, N*K, D) support and (T, N*Q, D) query features of a meta-batch."""
-    options = dict(mean=mean, std=std, device=device, amp=config.amp, channels_last=config.channels_last)
+    options = dict(mean=mean, std=std, device=device, amp=config.amp, channels_last=config.channels_last, augment=augment)
     T, n_support = episode.support_labels.shape
     if config.model.bn_mode == "frozen" and config.meta_train.first_order:
         # First order gives the support features no gradient: forwarding them without a graph means
@@ -80,13 +89,14 @@ def _task_features(backbone: nn.Module, episode: Episode, config: Config, device
 
 def meta_batch_loss(
     backbone: nn.Module, head_weight: torch.Tensor, head_bias: torch.Tensor, episode: Episode,
-    config: Config, device: torch.device, mean, std, temperature: torch.Tensor | float | None = None,
+    config: Config, device: torch.device, mean, std, temperature: torch.Tensor | float | None = None, augment=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Query loss of the adapted base-learners, plus (T, N) per-class query accuracy and loss."""
+    """Query loss of the adapted base-learners, plus (T, N) per-class query accuracy and loss;
+    `augment` maps each normalised image batch before the backbone (meta_train.augment)."""
     n_way = head_weight.shape[0]
     learner = BaseLearner.from_config(config.base_learner)
     temperature = config.base_learner.temperature if temperature is None else temperature
-    support, query = _task_features(backbone, episode, config, device, mean, std)
+    support, query = _task_features(backbone, episode, config, device, mean, std, augment)
     if config.meta_train.first_order:
         support = support.detach()
     weight, bias = learner.adapt(support, episode.support_labels.to(device), head_weight, head_bias, n_way,
@@ -102,6 +112,16 @@ def meta_batch_loss(
 
 def _task_slice(tasks: TaskIndices, part: slice) -> TaskIndices:
     return TaskIndices(tasks.support[part], tasks.query[part], tasks.class_ids[part], tasks.n_way, tasks.n_shot, tasks.n_query)
+
+
+def _augmentation(config: Config, iteration: int, device: torch.device):
+    """The pre-training augmentation for this meta-iteration's images (None when off), seeded by
+    (seed, iteration) so a resumed run draws the same crops and flips."""
+    if not config.meta_train.augment:
+        return None
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + iteration)
+    data = config.data
+    return lambda x: augment_batch(x, kind=data.augment, padding=data.crop_padding, flip=data.hflip, jitter=data.color_jitter, generator=generator)
 
 
 def _learning_rates(config: Config, iteration: int) -> tuple[float, float]:
@@ -218,13 +238,15 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         tasks = hard.sample(kind, sampler, meta.n_tasks)
         episode = gather_episode(train.images, _task_slice(tasks, shard))
         loss, accuracy, class_loss = meta_batch_loss(backbone, head_weight, head_bias, episode, config, device, train.mean, train.std,
-                                                     temperature=head_temperature)
+                                                     temperature=head_temperature, augment=_augmentation(config, iteration, device))
         loss_value = all_reduce_sum(loss.detach()).item() / world_size()  # every rank checks the same value
         if not np.isfinite(loss_value):
             raise FloatingPointError(
                 f"meta-train loss became {loss_value} at iteration {iteration}; {last_stem} holds the last good state. "
                 "Lower meta_train.lr_ss / lr_head or base_learner.lr."
             )
+        if meta.ss_l2 > 0:  # the pull toward identity is not part of the logged task loss
+            loss = loss + meta.ss_l2 * scale_shift_penalty(backbone)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         all_reduce_gradients([*trainable, *learned_head])

@@ -173,6 +173,9 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
                                   "lr": optimizer.param_groups[0]["lr"], "epoch": epoch + 1}
         if (epoch + 1) % pre.val_every == 0 or epoch + 1 == pre.epochs:
             record.update(validate(epoch + 1))
+        if epoch + 1 in pre.save_epochs and is_main():  # for meta_train.init_checkpoint=epoch-N
+            save_checkpoint(run_dir / "pretrain" / f"epoch-{epoch + 1}", {f"backbone.{k}": v for k, v in backbone.state_dict().items()},
+                            {**model_meta, "epoch": epoch + 1})
         metrics.log("pretrain", epoch + 1, **record)
         val_text = f", val {record['val_accuracy']:.2f} +- {record['val_ci95']:.2f}%" if "val_accuracy" in record else ""
         log(f"pre-train epoch {epoch + 1}/{pre.epochs}: loss {record['loss']:.3f}, train acc {record['train_accuracy']:.1f}%{val_text}")
