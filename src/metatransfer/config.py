@@ -78,6 +78,9 @@ class PretrainConfig:
     lr_step: int = 30  # epochs between decays, for schedule=step
     lr_gamma: float = 0.2  # decay factor, for schedule=step
     label_smoothing: float = 0.0
+    # Base classes pre-training leaves out, for meta-training on them (meta_train.classes=held_out);
+    # drawn with a generator seeded by this number alone, so every phase and seed holds out the same.
+    held_out_classes: int = 0
     save_epochs: list[int] = field(default_factory=list)  # also keep pretrain/epoch-N for these N (meta_train.init_checkpoint)
     val_every: int = 1  # epochs between few-shot validations that pick the best checkpoint
     val_episodes: int = 600
@@ -133,6 +136,7 @@ class MetaTrainConfig:
     # meta_test.seed, whose validation episodes picked the pre-training epoch: scoring iteration 0
     # on those again would hand the start a winner's-curse bonus that later iterations must beat.
     val_seed: int = 2
+    classes: str = "all"  # base classes of the meta-training tasks: all | held_out (those pre-training left out)
     augment: bool = False  # apply the pre-training augmentation (data.augment, hflip, jitter) to episode images
     ss_l2: float = 0.0  # weight of sum((scale - 1)^2) + sum(shift^2): a pull of SS back toward identity
     init_checkpoint: str = "best"  # the pre-trained backbone meta-training starts from: best | last | epoch-N (pretrain.save_epochs)
@@ -176,6 +180,7 @@ _CHOICES = {
     "base_learner.init": ("kaiming", "xavier", "zeros"),
     "base_learner.fc_init": ("theta", "prototypes"),
     "base_learner.logits": ("linear", "cosine"),
+    "meta_train.classes": ("all", "held_out"),
     "meta_test.protocol": ("standard", "paper"),
     "meta_test.split": ("train", "val", "test"),
     "meta_test.checkpoint": ("best", "last"),

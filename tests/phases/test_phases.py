@@ -272,6 +272,22 @@ def test_meta_training_starts_from_a_chosen_pre_training_epoch(fc100_small, tmp_
         meta_train.prepare_meta_model(config, out, 3)
 
 
+def test_pre_training_holds_out_base_classes_that_meta_training_then_uses(fc100_small, tmp_path):
+    from metatransfer.phases.features import held_out_classes
+
+    out = tmp_path / "run"
+    args = _run_args(fc100_small, out, "pretrain.held_out_classes=12", "meta_train.classes=held_out")
+    assert main(["pretrain", *args]) == 0 and main(["meta-train", *args]) == 0
+    assert json.loads((out / "pretrain" / "best.json").read_text())["num_classes"] == 48  # 60 FC100 base classes - 12
+    held_out = held_out_classes(load_config("smoke", ["pretrain.held_out_classes=12"]), 60)
+    names = load_split(*fc100_small, "train").class_names
+    hard = json.loads((out / "meta_train" / "hard_classes.json").read_text())
+    assert hard and set(hard) <= {names[c] for c in held_out}  # every meta-training task drew held-out classes
+    config = load_config("smoke", [f"data.root={fc100_small[0]}", f"data.name={fc100_small[1]}", "meta_train.classes=held_out"])
+    with pytest.raises(ValueError, match="needs pretrain.held_out_classes"):
+        meta_train.run(config, out, log=_quiet)
+
+
 def test_meta_test_without_meta_training_uses_the_pretrained_backbone(smoke_run, fc100_small, tmp_path):
     config = _variant(smoke_run, tmp_path, fc100_small, [])
     (result,) = meta_test.run(config, tmp_path, log=_quiet)

@@ -23,7 +23,7 @@ from metatransfer.models.backbones import create_backbone
 from metatransfer.data.cache import ImageSplit, load_split
 from metatransfer.run import autocast, load_checkpoint, resolve_device, seed_everything, tensors_under
 
-__all__ = ["load_run_split", "start_phase", "build_backbone", "backbone_meta", "pretrained_stem", "load_pretrained_backbone", "extract_features", "batch_statistics", "forward_images"]
+__all__ = ["load_run_split", "start_phase", "build_backbone", "backbone_meta", "pretrained_stem", "load_pretrained_backbone", "held_out_classes", "class_subset", "extract_features", "batch_statistics", "forward_images"]
 
 
 def load_run_split(config: Config, split: str) -> ImageSplit:
@@ -36,6 +36,23 @@ def load_run_split(config: Config, split: str) -> ImageSplit:
     if config.data.mean:
         images = dataclasses.replace(images, mean=tuple(config.data.mean), std=tuple(config.data.std))
     return images
+
+
+def held_out_classes(config: Config, num_classes: int) -> np.ndarray:
+    """The sorted base classes pre-training leaves out (`pretrain.held_out_classes` of them)."""
+    count = config.pretrain.held_out_classes
+    if not 0 <= count < num_classes:
+        raise ValueError(f"pretrain.held_out_classes={count} must leave pre-training at least one of the {num_classes} base classes.")
+    return np.sort(np.random.default_rng(count).choice(num_classes, count, replace=False))
+
+
+def class_subset(split: ImageSplit, class_ids: np.ndarray) -> ImageSplit:
+    """An in-memory copy of `split` with only the sorted `class_ids`, relabelled 0..len-1 in order."""
+    keep = np.isin(split.labels, class_ids)
+    relabel = np.full(split.num_classes, -1, dtype=np.int64)
+    relabel[class_ids] = np.arange(len(class_ids))
+    return dataclasses.replace(split, images=np.asarray(split.images[keep]), labels=relabel[split.labels[keep]],
+                               class_names=[split.class_names[c] for c in class_ids])
 
 
 def start_phase(config: Config) -> tuple[torch.device, ImageSplit, ImageSplit]:

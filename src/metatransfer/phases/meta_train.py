@@ -28,7 +28,7 @@ from metatransfer.distributed import all_gather, all_reduce_gradients, all_reduc
 from metatransfer.models.head import BaseLearner, init_head_weight, per_class_accuracy
 from metatransfer.models.scale_shift import apply_scale_shift, scale_shift_parameters, scale_shift_penalty
 from metatransfer.phases.features import (
-    backbone_meta, batch_statistics, forward_images, load_pretrained_backbone, pretrained_stem, start_phase,
+    backbone_meta, batch_statistics, class_subset, forward_images, held_out_classes, load_pretrained_backbone, pretrained_stem, start_phase,
 )
 from metatransfer.phases import pretrain
 from metatransfer.phases.hard_tasks import HardTaskScheduler
@@ -140,6 +140,10 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         log(f"no pretrain/best in {run_dir}: meta-train starts from the --init-from backbone as it is (0 pre-training epochs)")
         pretrain.run(dataclasses.replace(config, pretrain=dataclasses.replace(config.pretrain, epochs=0)), run_dir, log=log)
     device, train, val = start_phase(config)
+    if meta.classes == "held_out":  # the base classes pre-training never saw
+        if not config.pretrain.held_out_classes:
+            raise ValueError("meta_train.classes=held_out needs pretrain.held_out_classes > 0 (the classes pre-training leaves out).")
+        train = class_subset(train, held_out_classes(config, train.num_classes))
     in_chans = train.images.shape[-1]
     backbone, trainable = prepare_meta_model(config, run_dir, in_chans)
     backbone.to(device).eval()  # eval: BN at running statistics and no dropout, whatever bn_mode

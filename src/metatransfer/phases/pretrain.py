@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from metatransfer.config import Config
 from metatransfer.data.augment import augment_batch, to_float
 from metatransfer.distributed import all_reduce_gradients, all_reduce_sum, barrier, is_main, rank_slice
-from metatransfer.phases.features import backbone_meta, build_backbone, start_phase
+from metatransfer.phases.features import backbone_meta, build_backbone, class_subset, held_out_classes, start_phase
 from metatransfer.phases.meta_test import evaluate_split
 from metatransfer.progress import progress_bar
 from metatransfer.run import (
@@ -49,6 +49,10 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     pre = config.pretrain
     log = log if is_main() else (lambda message: None)
     device, train, val = start_phase(config)
+    if pre.held_out_classes:  # keep some base classes for meta-training only
+        held_out = held_out_classes(config, train.num_classes)
+        log(f"pre-train holds out {len(held_out)} base classes for meta-training: {', '.join(train.class_names[c] for c in held_out)}")
+        train = class_subset(train, np.setdiff1d(np.arange(train.num_classes), held_out))
     in_chans = train.images.shape[-1]
     backbone = build_backbone(config, in_chans).to(device)
     head = nn.Linear(backbone.out_features, train.num_classes).to(device)
