@@ -111,3 +111,34 @@ def test_an_onnx_bundle_cannot_start_training(tmp_path, smoke_run):  # noqa: F81
     assert main(["export", "--model", str(smoke_run), "--format", "onnx", "--out", str(tmp_path / "bundle")]) == 0
     with pytest.raises(ValueError, match="onnx bundle cannot be trained"):
         read_init_source(tmp_path / "bundle")
+
+
+def test_cross_domain_meta_test_writes_beside_the_run_results(tmp_path, capsys, smoke_run, make_images):  # noqa: F811
+    import shutil
+
+    from metatransfer.data.prepare import prepare_dataset
+
+    smoke_run = shutil.copytree(smoke_run, tmp_path / "run")  # the session's run stays as other tests expect it  # noqa: F811
+    make_images(tmp_path / "glyphs", {f"glyph{i}": 20 for i in range(6)}, size=20, mode="L")
+    prepare_dataset("folder", tmp_path / "glyphs", tmp_path / "data", image_size=20, split_ratios=(0, 0, 1), log=lambda m: None)
+    own = (smoke_run / "results.json").read_bytes()
+    assert main(["meta-test", "--resume", str(smoke_run), "--dataset", "glyphs", "--data-root", str(tmp_path / "data")]) == 0
+    assert "glyphs" in capsys.readouterr().out
+    assert (smoke_run / "results.json").read_bytes() == own  # the run's own results are untouched
+    (result,) = json.loads((smoke_run / "results-glyphs.json").read_text())
+    assert result["dataset"] == "glyphs" and result["split"] == "test" and 0 <= result["accuracy"] <= 100
+    assert (smoke_run / "meta_test" / "glyphs" / "episodes-5way-1shot-standard.json").is_file()
+    assert main(["meta-test", "--resume", str(smoke_run), "--dataset", "nowhere", "--data-root", str(tmp_path / "data")]) == 2
+    assert "No prepared dataset 'nowhere'" in capsys.readouterr().err
+    assert not (smoke_run / "results-nowhere.json").exists()
+
+
+def test_fit_images_resizes_and_converts_channels():
+    import numpy as np
+
+    from metatransfer.phases.cross_domain import fit_images
+
+    grey = np.random.default_rng(0).integers(0, 256, (3, 20, 20, 1), dtype=np.uint8)
+    rgb = fit_images(grey, 32, 3)
+    assert rgb.shape == (3, 32, 32, 3) and np.array_equal(rgb[..., 0], rgb[..., 2])  # grey repeated
+    assert fit_images(rgb, 32, 3) is rgb and fit_images(rgb, 16, 1).shape == (3, 16, 16, 1)
