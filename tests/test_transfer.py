@@ -142,3 +142,25 @@ def test_fit_images_resizes_and_converts_channels():
     rgb = fit_images(grey, 32, 3)
     assert rgb.shape == (3, 32, 32, 3) and np.array_equal(rgb[..., 0], rgb[..., 2])  # grey repeated
     assert fit_images(rgb, 32, 3) is rgb and fit_images(rgb, 16, 1).shape == (3, 16, 16, 1)
+
+
+def test_every_conv_that_reads_the_image_is_adapted_resnet12_shortcut_too(tmp_path):
+    from metatransfer.models.backbones import create_backbone
+    from metatransfer.run import save_checkpoint
+    from metatransfer.transfer import load_init_backbone
+
+    source = create_backbone("resnet12", in_chans=3, width=0.125)
+    run = tmp_path / "source"
+    config = load_config("smoke", ["model.backbone=resnet12", "model.width=0.125"])
+    from metatransfer.run import prepare_run_dir
+
+    prepare_run_dir(run, config)
+    save_checkpoint(run / "pretrain" / "best", {f"backbone.{k}": v for k, v in source.state_dict().items()},
+                    {"backbone": "resnet12", "width": 0.125, "in_chans": 3, "out_features": source.out_features, "dataset": "fc100"})
+    grey = create_backbone("resnet12", in_chans=1, width=0.125)
+    provenance = load_init_backbone(load_config("smoke", ["model.backbone=resnet12", "model.width=0.125", f"model.init_from={run}"]),
+                                    grey, 1, (0.3,))
+    assert provenance["in_chans"] == 1
+    image = torch.randn(2, 1, 16, 16)
+    source.eval(), grey.eval()
+    assert torch.allclose(grey(image), source(image.repeat(1, 3, 1, 1)), atol=1e-4)  # the same network on the grey channel

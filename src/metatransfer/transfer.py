@@ -205,14 +205,19 @@ def load_init_backbone(config: Config, backbone: nn.Module, in_chans: int, std: 
     config = resolve_init(config)
     source = read_init_source(config.model.init_from)
     state = dict(_source_tensors(source))
-    first = next(name for name, module in backbone.named_modules() if isinstance(module, nn.Conv2d)) + ".weight"
-    state[first] = adapt_input_conv(state[first], in_chans, std)
+    target = backbone.state_dict()
+    for name, value in state.items():  # the convs that read the image (ResNet-12: the first conv and its shortcut)
+        if name in target and value.dim() == 4 and value.shape[1] == source.in_chans and target[name].shape[1] == in_chans != source.in_chans:
+            state[name] = adapt_input_conv(value, in_chans, std)
     missing, unexpected = set(backbone.state_dict()) - set(state), set(state) - set(backbone.state_dict())
     if missing or unexpected:
         raise ValueError(f"--init-from {source.path}: its backbone's tensors do not fit a fresh {source.backbone} "
                          f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}, e.g. folded conv biases); "
                          "start from the run directory instead of its bundle.")
-    backbone.load_state_dict(state)
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as error:  # shapes that no channel conversion explains
+        raise ValueError(f"--init-from {source.path}: its backbone does not fit this run's: {error}") from None
     conversion = "none" if source.in_chans == in_chans else (
         "grey data, RGB backbone: first conv summed over its 3 input channels (= the grey channel repeated)"
         if in_chans == 1 else "RGB data, grey backbone: first conv spread over R, G, B with luma weights (= grey by ITU-R 601)")
