@@ -219,8 +219,8 @@ def load_init_backbone(config: Config, backbone: nn.Module, in_chans: int, std: 
     except RuntimeError as error:  # shapes that no channel conversion explains
         raise ValueError(f"--init-from {source.path}: its backbone does not fit this run's: {error}") from None
     conversion = "none" if source.in_chans == in_chans else (
-        "grey data, RGB backbone: first conv summed over its 3 input channels (= the grey channel repeated)"
-        if in_chans == 1 else "RGB data, grey backbone: first conv spread over R, G, B with luma weights (= grey by ITU-R 601)")
+        "grey data, RGB backbone: the convs that read the image summed over their 3 input channels (= the grey channel repeated)"
+        if in_chans == 1 else "RGB data, grey backbone: the convs that read the image spread over R, G, B with luma weights (= grey by ITU-R 601)")
     return {"path": str(source.path), "kind": source.kind, "sha256": source.sha256, "dataset": source.dataset,
             "source_in_chans": source.in_chans, "in_chans": in_chans, "channel_conversion": conversion,
             "normalisation": config.model.init_normalisation}
