@@ -95,7 +95,8 @@ def test_bundle_is_self_contained_and_documented(bundles, smoke_run, tmp_path): 
     bundle = json.loads((moved / BUNDLE_FILE).read_text())
     assert bundle["preprocessing"]["image_size"] == 32 and bundle["preprocessing"]["invert"] is False
     assert len(bundle["preprocessing"]["mean"]) == 3 and bundle["backbone"]["name"] == "conv4"
-    assert bundle["base_learner"] == {"steps": 5, "lr": 0.01}
+    assert bundle["base_learner"] == {"steps": 5, "lr": 0.01, "fc_init": "theta", "prototype_centre": False, "prototype_normalise": False,
+                                      "prototype_scale": 1.0, "logits": "linear"}
     card = (moved / "MODEL_CARD.md").read_text()
     result = json.loads((smoke_run / "results.json").read_text())[0]
     assert f"{result['accuracy']:.2f} +- {result['ci95']:.2f}" in card and "conv4" in card and "fc100" in card
