@@ -167,3 +167,26 @@ def test_text_overrides_keep_their_raw_text():
 def test_absurd_learning_rates_are_refused(override):
     with pytest.raises(ValueError, match="learning rate"):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["base_learner.logits=cosine"], "needs a non-zero start"),
+    (["meta_train.val_seed=1"], "equals meta_test.seed"),
+    (["meta_train.classes=held_out"], "needs pretrain.held_out_classes"),
+    (["pretrain.epochs=0"], "only makes sense with --init-from"),
+    (["meta_train.init_checkpoint=epoch-3"], "epoch-N with N in pretrain.save_epochs"),
+])
+def test_settings_that_do_not_work_together_are_refused_before_a_run(overrides, message):
+    from metatransfer.config import check_config
+
+    with pytest.raises(ValueError, match=message):
+        check_config(load_config("smoke", overrides))
+    check_config(load_config("smoke", ["base_learner.logits=cosine", "base_learner.fc_init=prototypes",
+                                       "pretrain.save_epochs=3", "meta_train.init_checkpoint=epoch-3"]))
+
+
+def test_the_cli_checks_combinations_before_writing_the_run_dir(tmp_path, capsys):
+    from metatransfer.cli import main
+
+    assert main(["run", "--preset", "smoke", "--out", str(tmp_path / "run"), "base_learner.logits=cosine"]) == 2
+    assert "needs a non-zero start" in capsys.readouterr().err and not (tmp_path / "run").exists()

@@ -164,3 +164,29 @@ def test_every_conv_that_reads_the_image_is_adapted_resnet12_shortcut_too(tmp_pa
     image = torch.randn(2, 1, 16, 16)
     source.eval(), grey.eval()
     assert torch.allclose(grey(image), source(image.repeat(1, 3, 1, 1)), atol=1e-4)  # the same network on the grey channel
+
+
+def test_runs_from_before_init_from_still_resume(tmp_path, smoke_run):  # noqa: F811
+    import shutil
+
+    run = shutil.copytree(smoke_run, tmp_path / "old")
+    for stem in ("last", "best"):  # what a pre-training checkpoint written before --init-from holds
+        path = run / "pretrain" / f"{stem}.json"
+        meta = json.loads(path.read_text())
+        meta.pop("init_from"), meta.pop("init_sha256")
+        path.write_text(json.dumps(meta))
+    assert main(["run", "--resume", str(run)]) == 0
+
+
+@pytest.mark.slow
+def test_a_finished_transfer_resumes_without_its_source(tmp_path, smoke_run, prepared_omniglot):  # noqa: F811
+    import shutil
+
+    root, name = prepared_omniglot
+    source = shutil.copytree(smoke_run, tmp_path / "source")
+    out = tmp_path / "transfer"
+    args = ["--data-root", str(root), "--out", str(out), f"data.name={name}", "pretrain.epochs=0", "meta_train.iterations=2",
+            "meta_train.val_every=2", "device=cpu"]
+    assert main(["pretrain", "--preset", "smoke", "--init-from", str(source), *args]) == 0
+    shutil.rmtree(source)  # moved away or rebuilt: pre-training no longer reads it
+    assert main(["run", "--resume", str(out)]) == 0

@@ -152,7 +152,7 @@ class FewShotClassifier:
         bn_mode: str = "frozen",
         info: dict[str, Any] | None = None,
         learner: BaseLearner | None = None,
-        temperature: float = 1.0,
+        temperature: float = 10.0,
     ) -> None:
         from metatransfer.run import resolve_device
 

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_for(args: argparse.Namespace):
-    from metatransfer.config import apply_overrides, load_config
+    from metatransfer.config import apply_overrides, check_config, load_config
     from metatransfer.run import read_run_config
     from metatransfer.transfer import resolve_init
 
@@ -118,13 +118,17 @@ def _config_for(args: argparse.Namespace):
         config = apply_overrides(read_run_config(args.out), args.overrides)
         if getattr(args, "split", None):
             config = apply_overrides(config, [f"meta_test.split={args.split}"])
-        return config if args.command == "meta-test" else resolve_init(config)
+        return config  # the --init-from source is checked again only if pre-training still has to read it
+    if getattr(args, "split", None):
+        raise ValueError("--split goes with `mtl meta-test --resume RUN --dataset NAME`.")
     overrides = list(args.overrides)
     if args.data_root:
         overrides.insert(0, f"data.root={args.data_root}")
     if getattr(args, "init_from", None):
         overrides.append(f"model.init_from={args.init_from}")
-    return resolve_init(load_config(args.preset, overrides))
+    config = load_config(args.preset, overrides)
+    check_config(config)
+    return resolve_init(config)
 
 
 def _resolve_out(args: argparse.Namespace) -> None:
@@ -152,9 +156,9 @@ def _run_phases(args: argparse.Namespace, phases: Sequence[str]) -> None:
         distributed.barrier()
         modules = {"pretrain": pretrain, "meta-train": meta_train, "meta-test": meta_test}
         for phase in phases:
-            if phase == "meta-test" and getattr(args, "dataset", None):
-                meta_test.run(config, args.out, dataset=args.dataset, data_root=args.data_root)
-            elif phase != "meta-test" or distributed.is_main():
+            if phase == "meta-test" and distributed.is_main():  # rank 0 alone scores and writes
+                meta_test.run(config, args.out, dataset=getattr(args, "dataset", None), data_root=args.data_root)
+            elif phase != "meta-test":
                 modules[phase].run(config, args.out)
             distributed.barrier()
     finally:

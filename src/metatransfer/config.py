@@ -28,6 +28,7 @@ __all__ = [
     "MetaTestConfig",
     "list_presets",
     "load_config",
+    "check_config",
     "config_from_dict",
     "config_to_dict",
 ]
@@ -305,6 +306,30 @@ def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
     for text in overrides:
         _apply(config, _parse_override(text))
     return config
+
+
+def check_config(config: Config) -> None:
+    """Settings that are each valid but do not work together; the CLI calls this before a run
+    directory is written, so the error comes before any training.
+
+    Raises:
+        ValueError: naming the settings and what to set instead.
+    """
+    learner, meta = config.base_learner, config.meta_train
+    if learner.logits == "cosine" and learner.fc_init == "theta" and learner.init == "zeros":
+        raise ValueError("base_learner.logits=cosine needs a non-zero start (the cosine of a zero weight is undefined): "
+                         "set base_learner.fc_init=prototypes, or base_learner.init=kaiming.")
+    if meta.val_seed == config.meta_test.seed:
+        raise ValueError(f"meta_train.val_seed={meta.val_seed} equals meta_test.seed, whose validation episodes chose the "
+                         "pre-training epoch; give meta-train validation its own seed.")
+    if meta.classes == "held_out" and not config.pretrain.held_out_classes:
+        raise ValueError("meta_train.classes=held_out needs pretrain.held_out_classes > 0 (the classes pre-training leaves out).")
+    if config.pretrain.epochs == 0 and not config.model.init_from:
+        raise ValueError("pretrain.epochs=0 keeps the initial backbone, which only makes sense with --init-from (model.init_from).")
+    name = meta.init_checkpoint
+    if name not in ("best", "last") and not (name.startswith("epoch-") and name[6:].isdigit() and int(name[6:]) in config.pretrain.save_epochs):
+        raise ValueError(f"meta_train.init_checkpoint={name!r}: use best, last or epoch-N with N in pretrain.save_epochs "
+                         f"({config.pretrain.save_epochs or 'empty'}).")
 
 
 def load_config(preset: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:

@@ -239,5 +239,5 @@ def load_bundle_parts(export_dir: Path) -> dict[str, Any]:
         "preprocessing": Preprocessing.from_dict({key: bundle["preprocessing"][key] for key in keys}),
         "steps": bundle["base_learner"]["steps"], "lr": bundle["base_learner"]["lr"], "bn_mode": bundle["bn_mode"], "info": info,
         "learner": BaseLearner.from_config(bundle["base_learner"]),  # older bundles hold steps and lr only: the defaults
-        "temperature": float(head["head.temperature"]) if "head.temperature" in head else 1.0,
+        "temperature": float(head["head.temperature"]) if "head.temperature" in head else 10.0,  # unused by linear logits
     }

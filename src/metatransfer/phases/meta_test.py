@@ -212,7 +212,7 @@ def add_paired_gain(result: dict[str, Any], start: dict[str, Any]) -> None:
     """Put the start's score on the same episodes into `result`, with the paired gain: the mean of
     the per-episode differences and its 95% CI, far tighter than two separate intervals."""
     gain, gain_ci95 = confidence_interval(np.asarray(result["per_episode"]) - np.asarray(start["per_episode"]))
-    result.update(start_model="pretrain/best, untrained base-learner", start_accuracy=start["accuracy"], start_ci95=start["ci95"],
+    result.update(start_model=f"pretrain/{start.get('checkpoint', 'best')}, untrained base-learner", start_accuracy=start["accuracy"], start_ci95=start["ci95"],
                   gain=round(gain, 3), gain_ci95=round(gain_ci95, 3), start_per_episode=start["per_episode"])
 
 
@@ -240,7 +240,7 @@ def score_run(run_dir: Path, config: Config, split: ImageSplit, device: torch.de
     if source.startswith("meta_train"):
         start_backbone, start_weight, start_bias = load_start_model(run_dir, config, in_chans, device)
         for result, start in zip(results, evaluate_split(start_backbone, start_weight, start_bias, split, config, device, **options)):
-            add_paired_gain(result, start)
+            add_paired_gain(result, {**start, "checkpoint": config.meta_train.init_checkpoint})
     for result in results:
         result["model"], result["checkpoint"] = source, test.checkpoint
     return results, source

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from metatransfer.config import Config
 from metatransfer.data.augment import augment_batch
 from metatransfer.data.episodes import Episode, TaskIndices, TaskSampler, gather_episode
-from metatransfer.distributed import all_gather, all_reduce_gradients, all_reduce_sum, barrier, is_main, rank_slice, world_size
+from metatransfer.distributed import all_gather, all_reduce_gradients, all_reduce_sum, barrier, is_main, rank, rank_slice, world_size
 from metatransfer.models.head import BaseLearner, init_head_weight, per_class_accuracy
 from metatransfer.models.scale_shift import apply_scale_shift, scale_shift_parameters, scale_shift_penalty
 from metatransfer.phases.features import (
@@ -119,7 +119,7 @@ def _augmentation(config: Config, iteration: int, device: torch.device):
     (seed, iteration) so a resumed run draws the same crops and flips."""
     if not config.meta_train.augment:
         return None
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + iteration)
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + iteration * 1_009 + rank())  # ranks augment their own tasks
     data = config.data
     return lambda x: augment_batch(x, kind=data.augment, padding=data.crop_padding, flip=data.hflip, jitter=data.color_jitter, generator=generator)
 
@@ -137,6 +137,9 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         raise ValueError(f"meta_train.val_seed={meta.val_seed} equals meta_test.seed, whose validation episodes chose the "
                          "pre-training epoch; give meta-train validation its own seed.")
     if config.model.init_from and not checkpoint_exists(run_dir / "pretrain" / "best"):
+        if checkpoint_exists(run_dir / "pretrain" / "last"):
+            raise ValueError(f"{run_dir} holds an unfinished pre-training (pretrain/last, no pretrain/best): finish it with "
+                             f"`mtl pretrain --resume {run_dir}` before meta-training.")
         log(f"no pretrain/best in {run_dir}: meta-train starts from the --init-from backbone as it is (0 pre-training epochs)")
         pretrain.run(dataclasses.replace(config, pretrain=dataclasses.replace(config.pretrain, epochs=0)), run_dir, log=log)
     device, train, val = start_phase(config)

@@ -24,6 +24,7 @@ from metatransfer.config import Config
 from metatransfer.data.augment import augment_batch, to_float
 from metatransfer.distributed import all_reduce_gradients, all_reduce_sum, barrier, is_main, rank_slice
 from metatransfer.phases.features import backbone_meta, build_backbone, class_subset, held_out_classes, start_phase
+from metatransfer.models.head import init_head_weight
 from metatransfer.phases.meta_test import evaluate_split
 from metatransfer.progress import progress_bar
 from metatransfer.run import (
@@ -64,8 +65,9 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     if steps_per_epoch == 0 and pre.epochs > 0:
         raise ValueError(f"The train split has {len(train.labels)} images, fewer than one batch of {pre.batch_size}; lower pretrain.batch_size.")
     shard = rank_slice(pre.batch_size, "pretrain.batch_size")  # this rank's part of each global batch
-    model_meta = {**backbone_meta(config, backbone, in_chans), "num_classes": train.num_classes, "dataset": config.data.name,
-                  "init_from": config.model.init_from, "init_sha256": config.model.init_sha256}
+    model_meta = {**backbone_meta(config, backbone, in_chans), "num_classes": train.num_classes, "dataset": config.data.name}
+    saved_meta = {**model_meta, "init_from": config.model.init_from, "init_sha256": config.model.init_sha256}  # recorded, not checked:
+    # runs from before --init-from have no such keys and must still resume
     metrics = MetricsLog(run_dir, enabled=is_main(), name="pretrain")
     last_stem, best_stem = run_dir / "pretrain" / "last", run_dir / "pretrain" / "best"
     start_epoch, start_step, best_accuracy = 0, 0, -1.0
@@ -81,7 +83,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
             **{f"head.{k}": v for k, v in head.state_dict().items()},
             **optim_tensors, "rng.torch": torch.get_rng_state(), "rng.augment": generator.get_state(),
         }
-        save_checkpoint(last_stem, tensors, {**model_meta, "epoch": epoch, "step": step, "best_accuracy": best_accuracy,
+        save_checkpoint(last_stem, tensors, {**saved_meta, "epoch": epoch, "step": step, "best_accuracy": best_accuracy,
                                              "optimizer": optim_meta, "running": running if step else [0.0, 0, 0],
                                              "complete": epoch >= pre.epochs})
 
@@ -110,15 +112,16 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     def validate(epoch: int) -> dict[str, float]:
         """Few-shot accuracy of the current features; a new best is saved as `pretrain/best`."""
         nonlocal best_accuracy
-        result = evaluate_split(
-            backbone, torch.zeros(5, backbone.out_features), torch.zeros(5), val, config, device, ways=[5],
+        theta = init_head_weight(5, backbone.out_features, config.base_learner.init, generator=torch.Generator().manual_seed(config.seed))
+        result = evaluate_split(  # the base-learner as meta-test runs it from its untrained init
+            backbone, theta, torch.zeros(5), val, config, device, ways=[5],
             shots=[pre.val_shot], episodes=pre.val_episodes, n_query=config.meta_test.n_query, protocol="standard", seed=config.meta_test.seed,
         )[0]
         if result["accuracy"] > best_accuracy:
             best_accuracy = result["accuracy"]
             if is_main():
                 save_checkpoint(best_stem, {f"backbone.{k}": v for k, v in backbone.state_dict().items()},
-                                {**model_meta, "epoch": epoch, "val_accuracy": best_accuracy, "val_ci95": result["ci95"]})
+                                {**saved_meta, "epoch": epoch, "val_accuracy": best_accuracy, "val_ci95": result["ci95"]})
         return {"val_accuracy": result["accuracy"], "val_ci95": result["ci95"]}
 
     if pre.epochs == 0:  # transfer as it is: the given backbone, scored once, is pretrain/best
@@ -179,7 +182,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
             record.update(validate(epoch + 1))
         if epoch + 1 in pre.save_epochs and is_main():  # for meta_train.init_checkpoint=epoch-N
             save_checkpoint(run_dir / "pretrain" / f"epoch-{epoch + 1}", {f"backbone.{k}": v for k, v in backbone.state_dict().items()},
-                            {**model_meta, "epoch": epoch + 1})
+                            {**saved_meta, "epoch": epoch + 1})
         metrics.log("pretrain", epoch + 1, **record)
         val_text = f", val {record['val_accuracy']:.2f} +- {record['val_ci95']:.2f}%" if "val_accuracy" in record else ""
         log(f"pre-train epoch {epoch + 1}/{pre.epochs}: loss {record['loss']:.3f}, train acc {record['train_accuracy']:.1f}%{val_text}")
