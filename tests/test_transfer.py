@@ -104,6 +104,9 @@ def test_meta_train_alone_starts_from_a_safetensors_bundle(tmp_path, smoke_run, 
                  f"data.name={name}", "device=cpu"]) == 0
     assert json.loads((out / "init_from.json").read_text())["kind"] == "bundle"
     assert (out / "pretrain" / "best.json").is_file() and (out / "meta_train" / "best.json").is_file()
+    before = (out / "pretrain" / "best.safetensors").read_bytes()
+    assert main(["run", "--resume", str(out)]) == 0  # the config says 1 pre-training epoch; the 0-epoch start stands
+    assert (out / "pretrain" / "best.safetensors").read_bytes() == before
 
 
 def test_an_onnx_bundle_cannot_start_training(tmp_path, smoke_run):  # noqa: F811

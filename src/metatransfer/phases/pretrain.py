@@ -96,7 +96,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         generator_state = tensors["rng.augment"]
         start_epoch, start_step, best_accuracy = saved["epoch"], saved["step"], saved["best_accuracy"]
         running = list(saved.get("running", running))
-        if start_epoch >= pre.epochs:
+        if start_epoch >= pre.epochs or saved.get("complete"):  # complete: also a 0-epoch start made by `mtl meta-train --init-from`
             log(f"pre-train already complete in {run_dir} (best val {best_accuracy:.2f}%).")
             barrier()
             return {"best_val_accuracy": best_accuracy}
