@@ -64,6 +64,7 @@ class InitSource:
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
     dataset: str
+    bundle: dict[str, Any] | None = None  # a bundle's bundle.json, already checked
 
     def describe(self) -> str:
         return f"{self.backbone} x{self.width:g} with {self.in_chans} input channel(s), trained on {self.dataset}"
@@ -97,7 +98,7 @@ def _bundle_source(path: Path) -> InitSource:
     spec, prep = bundle["backbone"], bundle["preprocessing"]
     return InitSource(path=path, kind="bundle", backbone=spec["name"], width=float(spec["width"]), in_chans=int(spec["in_chans"]),
                       out_features=int(spec["out_features"]), sha256=bundle["sha256"][bundle["backbone_file"]],
-                      mean=tuple(prep["mean"]), std=tuple(prep["std"]), dataset=bundle["source"]["dataset"])
+                      mean=tuple(prep["mean"]), std=tuple(prep["std"]), dataset=bundle["source"]["dataset"], bundle=bundle)
 
 
 def read_init_source(path: str | Path) -> InitSource:
@@ -148,8 +149,11 @@ def resolve_init(config: Config) -> Config:
         ValueError: not a run or bundle, another architecture, or a source that changed since the run's
             config recorded it.
     """
-    if not config.model.init_from:
-        return config
+    return _resolve(config)[0] if config.model.init_from else config
+
+
+def _resolve(config: Config) -> tuple[Config, InitSource]:
+    """`resolve_init`'s work, also returning the source it read."""
     source = read_init_source(config.model.init_from)
     _check_architecture(config, source)
     if config.model.init_sha256 and config.model.init_sha256 != source.sha256:
@@ -162,7 +166,7 @@ def resolve_init(config: Config) -> Config:
                              "use model.init_normalisation=dataset or set data.mean and data.std.")
         mean, std = _converted_stats(source, _data_channels(config))
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, mean=mean, std=std))
-    return config
+    return config, source
 
 
 def adapt_input_conv(weight: torch.Tensor, in_chans: int, std: tuple[float, ...] | None = None) -> torch.Tensor:
@@ -190,9 +194,9 @@ def _source_tensors(source: InitSource) -> dict[str, torch.Tensor]:
         expect = {"backbone": source.backbone, "width": source.width, "in_chans": source.in_chans}
         tensors, _ = load_checkpoint(source.path / "pretrain" / "best", expect=expect)
         return tensors_under(tensors, "backbone")
-    from metatransfer.loading import bundle_backbone, read_bundle
+    from metatransfer.loading import bundle_backbone
 
-    return bundle_backbone(source.path, read_bundle(source.path)).state_dict()
+    return bundle_backbone(source.path, source.bundle).state_dict()
 
 
 def load_init_backbone(config: Config, backbone: nn.Module, in_chans: int, std: tuple[float, ...]) -> dict[str, Any]:
@@ -202,8 +206,7 @@ def load_init_backbone(config: Config, backbone: nn.Module, in_chans: int, std: 
     Raises:
         ValueError: the source changed, is of another architecture, or its state does not fit.
     """
-    config = resolve_init(config)
-    source = read_init_source(config.model.init_from)
+    config, source = _resolve(config)
     state = dict(_source_tensors(source))
     target = backbone.state_dict()
     for name, value in state.items():  # the convs that read the image (ResNet-12: the first conv and its shortcut)

@@ -17,13 +17,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from metatransfer.config import Config
+from metatransfer.config import Config, check_config
 from metatransfer.data.augment import to_float
 from metatransfer.models.backbones import create_backbone
+from metatransfer.models.head import init_head_weight
 from metatransfer.data.cache import ImageSplit, load_split
 from metatransfer.run import autocast, load_checkpoint, resolve_device, seed_everything, tensors_under
 
-__all__ = ["load_run_split", "start_phase", "build_backbone", "backbone_meta", "pretrained_stem", "load_pretrained_backbone", "held_out_classes", "class_subset", "extract_features", "batch_statistics", "forward_images"]
+__all__ = ["load_run_split", "start_phase", "build_backbone", "backbone_meta", "pretrained_stem", "load_pretrained_backbone", "held_out_classes", "class_subset", "untrained_theta", "extract_features", "batch_statistics", "forward_images"]
 
 
 def load_run_split(config: Config, split: str) -> ImageSplit:
@@ -55,8 +56,18 @@ def class_subset(split: ImageSplit, class_ids: np.ndarray) -> ImageSplit:
                                class_names=[split.class_names[c] for c in class_ids])
 
 
+def untrained_theta(config: Config, dim: int, n_way: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """theta as meta-training starts it (`base_learner.init`, drawn from a generator seeded by
+    `seed`): what pre-training validates with, what meta-train learns from, the paired gain's start."""
+    n_way = n_way or config.meta_train.n_way
+    generator = torch.Generator().manual_seed(config.seed)
+    return init_head_weight(n_way, dim, config.base_learner.init, generator=generator), torch.zeros(n_way)
+
+
 def start_phase(config: Config) -> tuple[torch.device, ImageSplit, ImageSplit]:
-    """Device, seeded RNGs, and the train and val splits that every training phase starts from."""
+    """Device, seeded RNGs, and the train and val splits that every training phase starts from;
+    settings that do not work together are refused first (`config.check_config`)."""
+    check_config(config)
     device = resolve_device(config.device)
     seed_everything(config.seed)
     return device, load_run_split(config, "train"), load_run_split(config, "val")
@@ -79,11 +90,9 @@ def backbone_meta(config: Config, backbone: nn.Module, in_chans: int) -> dict:
 
 
 def pretrained_stem(config: Config, run_dir: Path) -> Path:
-    """The pre-training checkpoint meta-training starts from (`meta_train.init_checkpoint`)."""
-    name = config.meta_train.init_checkpoint
-    if name not in ("best", "last") and not (name.startswith("epoch-") and name[6:].isdigit()):
-        raise ValueError(f"meta_train.init_checkpoint must be best, last or epoch-N (with N in pretrain.save_epochs); got {name!r}.")
-    return Path(run_dir) / "pretrain" / name
+    """The pre-training checkpoint meta-training starts from (`meta_train.init_checkpoint`, whose
+    form `config.check_config` checks)."""
+    return Path(run_dir) / "pretrain" / config.meta_train.init_checkpoint
 
 
 def load_pretrained_backbone(config: Config, run_dir: Path, in_chans: int) -> nn.Module:

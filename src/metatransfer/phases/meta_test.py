@@ -23,11 +23,11 @@ from metatransfer.config import Config
 from metatransfer.data.cache import ImageSplit
 from metatransfer.data.episodes import TaskIndices, TaskSampler, gather_episode
 from metatransfer.models.fuse import inference_copy
-from metatransfer.models.head import BaseLearner, init_head_weight
+from metatransfer.models.head import BaseLearner
 from metatransfer.models.scale_shift import apply_scale_shift, fold_scale_shift
 from metatransfer.phases.cross_domain import load_foreign_split
 from metatransfer.phases.features import (
-    batch_statistics, build_backbone, extract_features, forward_images, load_pretrained_backbone, load_run_split,
+    batch_statistics, build_backbone, extract_features, forward_images, load_pretrained_backbone, load_run_split, untrained_theta,
 )
 from metatransfer.progress import progress_bar
 from metatransfer.run import checkpoint_exists, load_checkpoint, resolve_device, tensors_under, write_json
@@ -116,18 +116,20 @@ def _start_model(run_dir: Path, config: Config, in_chans: int) -> tuple[nn.Modul
     """What meta-training starts from: the pre-trained backbone (identity SS) and theta at its
     untrained init, drawn as meta-train draws it."""
     backbone = load_pretrained_backbone(config, run_dir, in_chans)
-    generator = torch.Generator().manual_seed(config.seed)
-    weight = init_head_weight(config.meta_train.n_way, backbone.out_features, config.base_learner.init, generator=generator)
-    return backbone, weight, torch.zeros(config.meta_train.n_way)
+    return backbone, *untrained_theta(config, backbone.out_features)
 
 
 def load_start_model(run_dir: Path, config: Config, in_chans: int, device: torch.device) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """The run's pre-trained start, ready to score on the same episodes as its meta-trained model."""
     backbone, weight, bias = _start_model(run_dir, config, in_chans)
+    return _for_inference(backbone, config, device), weight, bias
+
+
+def _for_inference(backbone: nn.Module, config: Config, device: torch.device) -> nn.Module:
     backbone.to(device)
     if config.channels_last:
         backbone.to(memory_format=torch.channels_last)
-    return backbone.eval(), weight, bias
+    return backbone.eval()
 
 
 def load_meta_model(run_dir: Path, config: Config, in_chans: int, device: torch.device) -> tuple[nn.Module, torch.Tensor, torch.Tensor, float, str]:
@@ -152,10 +154,7 @@ def load_meta_model(run_dir: Path, config: Config, in_chans: int, device: torch.
         source = "pretrain/best (no meta-training)"
     else:
         raise FileNotFoundError(f"{run_dir} has no meta_train/{config.meta_test.checkpoint} nor pretrain/best checkpoint; run `mtl pretrain` (and `mtl meta-train`) first.")
-    backbone.to(device)
-    if config.channels_last:
-        backbone.to(memory_format=torch.channels_last)
-    return backbone.eval(), weight.float(), bias.float(), temperature, source
+    return _for_inference(backbone, config, device), weight.float(), bias.float(), temperature, source
 
 
 def evaluate_split(

@@ -25,10 +25,11 @@ from metatransfer.config import Config
 from metatransfer.data.augment import augment_batch
 from metatransfer.data.episodes import Episode, TaskIndices, TaskSampler, gather_episode
 from metatransfer.distributed import all_gather, all_reduce_gradients, all_reduce_sum, barrier, is_main, rank, rank_slice, world_size
-from metatransfer.models.head import BaseLearner, init_head_weight, per_class_accuracy
+from metatransfer.models.head import BaseLearner, per_class_accuracy
 from metatransfer.models.scale_shift import apply_scale_shift, scale_shift_parameters, scale_shift_penalty
 from metatransfer.phases.features import (
     backbone_meta, batch_statistics, class_subset, forward_images, held_out_classes, load_pretrained_backbone, pretrained_stem, start_phase,
+    untrained_theta,
 )
 from metatransfer.phases import pretrain
 from metatransfer.phases.hard_tasks import HardTaskScheduler
@@ -133,9 +134,6 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     """Meta-train from `pretrain/best`; writes `meta_train/best` (by validation) and `meta_train/last`."""
     meta = config.meta_train
     log = log if is_main() else (lambda message: None)
-    if meta.val_seed == config.meta_test.seed:
-        raise ValueError(f"meta_train.val_seed={meta.val_seed} equals meta_test.seed, whose validation episodes chose the "
-                         "pre-training epoch; give meta-train validation its own seed.")
     if config.model.init_from and not checkpoint_exists(run_dir / "pretrain" / "best"):
         if checkpoint_exists(run_dir / "pretrain" / "last"):
             raise ValueError(f"{run_dir} holds an unfinished pre-training (pretrain/last, no pretrain/best): finish it with "
@@ -144,17 +142,14 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         pretrain.run(dataclasses.replace(config, pretrain=dataclasses.replace(config.pretrain, epochs=0)), run_dir, log=log)
     device, train, val = start_phase(config)
     if meta.classes == "held_out":  # the base classes pre-training never saw
-        if not config.pretrain.held_out_classes:
-            raise ValueError("meta_train.classes=held_out needs pretrain.held_out_classes > 0 (the classes pre-training leaves out).")
         train = class_subset(train, held_out_classes(config, train.num_classes))
     in_chans = train.images.shape[-1]
     backbone, trainable = prepare_meta_model(config, run_dir, in_chans)
     backbone.to(device).eval()  # eval: BN at running statistics and no dropout, whatever bn_mode
     if config.channels_last:
         backbone.to(memory_format=torch.channels_last)
-    generator = torch.Generator().manual_seed(config.seed)
-    head_weight = nn.Parameter(init_head_weight(meta.n_way, backbone.out_features, config.base_learner.init, generator=generator).to(device))
-    head_bias = nn.Parameter(torch.zeros(meta.n_way, device=device))
+    theta_weight, theta_bias = untrained_theta(config, backbone.out_features)
+    head_weight, head_bias = nn.Parameter(theta_weight.to(device)), nn.Parameter(theta_bias.to(device))
     head_temperature = nn.Parameter(torch.tensor(config.base_learner.temperature, device=device))
     learned_head = [head_weight, head_bias] if config.base_learner.learn_theta else []
     learned_head += [head_temperature] if config.base_learner.learn_temperature else []

@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from metatransfer.config import Config
 from metatransfer.data.augment import augment_batch, to_float
 from metatransfer.distributed import all_reduce_gradients, all_reduce_sum, barrier, is_main, rank_slice
-from metatransfer.phases.features import backbone_meta, build_backbone, class_subset, held_out_classes, start_phase
-from metatransfer.models.head import init_head_weight
+from metatransfer.phases.features import backbone_meta, build_backbone, class_subset, held_out_classes, start_phase, untrained_theta
 from metatransfer.phases.meta_test import evaluate_split
 from metatransfer.progress import progress_bar
 from metatransfer.run import (
@@ -112,9 +111,8 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     def validate(epoch: int) -> dict[str, float]:
         """Few-shot accuracy of the current features; a new best is saved as `pretrain/best`."""
         nonlocal best_accuracy
-        theta = init_head_weight(5, backbone.out_features, config.base_learner.init, generator=torch.Generator().manual_seed(config.seed))
         result = evaluate_split(  # the base-learner as meta-test runs it from its untrained init
-            backbone, theta, torch.zeros(5), val, config, device, ways=[5],
+            backbone, *untrained_theta(config, backbone.out_features, n_way=5), val, config, device, ways=[5],
             shots=[pre.val_shot], episodes=pre.val_episodes, n_query=config.meta_test.n_query, protocol="standard", seed=config.meta_test.seed,
         )[0]
         if result["accuracy"] > best_accuracy:
@@ -124,9 +122,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
                                 {**saved_meta, "epoch": epoch, "val_accuracy": best_accuracy, "val_ci95": result["ci95"]})
         return {"val_accuracy": result["accuracy"], "val_ci95": result["ci95"]}
 
-    if pre.epochs == 0:  # transfer as it is: the given backbone, scored once, is pretrain/best
-        if not config.model.init_from:
-            raise ValueError("pretrain.epochs=0 keeps the initial backbone, which only makes sense with --init-from (model.init_from).")
+    if pre.epochs == 0:  # transfer as it is (check_config: only with --init-from): the given backbone, scored once, is pretrain/best
         record = validate(0)
         metrics.log("pretrain", 0, **record)
         save_last(0, 0, torch.Generator().manual_seed(config.seed))
