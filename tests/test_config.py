@@ -15,7 +15,7 @@ from metatransfer.config import (
 
 def test_list_presets_names_the_shipped_files():
     presets = list_presets()
-    for name in ("smoke", "fc100", "fc100-cpu", "cifar-fs", "miniimagenet", "tieredimagenet", "omniglot-cpu"):
+    for name in ("smoke", "fc100", "fc100-cpu", "cifar-fs", "cifar-fs-cpu", "miniimagenet", "tieredimagenet", "omniglot-cpu"):
         assert name in presets
 
 
