@@ -1,0 +1,35 @@
+"""benchmarks/study_table.py reads runs' metrics and results into rows, and averages seeds per configuration."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "study_table.py"
+spec = importlib.util.spec_from_file_location("study_table", SCRIPT)
+study_table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(study_table)
+
+
+def _fake_run(run_dir: Path, val: list[float], gain: float) -> Path:
+    run_dir.mkdir(parents=True)
+    records = [{"phase": "pretrain", "step": 0, "time": 100.0}]
+    records += [{"phase": "meta_train_val", "step": 100 * i, "time": 110.0 + 50 * i, "accuracy": a, "ci95": 1.0} for i, a in enumerate(val)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    results = [{"way": 5, "shot": shot, "protocol": "standard", "checkpoint": "best", "accuracy": 40.0 + gain,
+                "ci95": 0.4, "start_accuracy": 40.0, "gain": gain, "gain_ci95": 0.2} for shot in (1, 5)]
+    (run_dir / "results.json").write_text(json.dumps(results))
+    return run_dir
+
+
+def test_rows_pick_the_earliest_best_validation_and_average_seeds(tmp_path: Path) -> None:
+    runs = [study_table.read_run(_fake_run(tmp_path / "cosine", [35.0, 36.0, 36.0], gain=0.6)),
+            study_table.read_run(_fake_run(tmp_path / "cosine-seed1", [35.0, 34.0, 35.5], gain=0.2))]
+    assert runs[0]["best_step"] == 100 and runs[0]["val_best"] == 36.0  # the tie at 200 goes to the earlier iteration
+    assert runs[0]["seconds"] == 110.0 and runs[1]["config"] == "cosine"
+    rows = study_table.table(runs)
+    assert rows[0][:4] == ["run", "val start", "val best (it)", "test 1-shot"]
+    assert rows[1][2] == "36.00 (100)" and rows[1][4] == "+0.60 ± 0.20"
+    mean = rows[-1]
+    assert mean[0] == "**cosine** (mean of 2)" and mean[2] == "35.75" and mean[4] == "+0.40"
