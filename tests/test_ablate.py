@@ -108,3 +108,15 @@ def test_meta_trained_rows_show_their_paired_gain_over_the_pre_trained_start(tmp
     text = write_table(records, tmp_path / "ablation.md", title="t")
     assert "| SS + HT | 51.50 +- 0.50 [0.71, 2 seeds]; gain +1.50 +- 0.30 |" in text and "paired gain over the pre-trained start" in text
     assert "| pre-trained, FC at test only | 50.00 +- 0.50 |" in text
+
+
+def test_ft_rows_drop_the_settings_that_only_act_on_scaling_shifting():
+    from metatransfer.ablate import _row_config
+    from metatransfer.config import check_config, load_config
+
+    base = load_config("smoke", ["model.ss_bn_affine=true", "meta_train.ss_l2=0.1"])
+    ft, ss = _row_config(base, "ft", True, 1, 0), _row_config(base, "ss", True, 1, 0)
+    assert (ft.model.ss_bn_affine, ft.meta_train.ss_l2, ft.meta_train.first_order) == (False, 0.0, True)
+    assert (ss.model.ss_bn_affine, ss.meta_train.ss_l2) == (True, 0.1)
+    check_config(ft)
+    check_config(ss)

@@ -175,6 +175,9 @@ def test_absurd_learning_rates_are_refused(override):
     (["meta_train.classes=held_out"], "needs pretrain.held_out_classes"),
     (["pretrain.epochs=0"], "only makes sense with --init-from"),
     (["meta_train.init_checkpoint=epoch-3"], "epoch-N with N in pretrain.save_epochs"),
+    (["model.adapt=ft", "model.ss_bn_affine=true"], "with model.adapt=ft there is none"),
+    (["model.adapt=ft", "meta_train.ss_l2=0.1"], "with model.adapt=ft there is none"),
+    (["base_learner.learn_temperature=true"], "scales cosine logits only"),
 ])
 def test_settings_that_do_not_work_together_are_refused_before_a_run(overrides, message):
     from metatransfer.config import check_config

@@ -116,3 +116,18 @@ def test_meta_train_killed_mid_phase_resumes_to_the_same_model_and_results(pretr
     for name in ("results.json", "meta_train/hard_classes.json", "meta_test/episodes-5way-1shot-standard.json"):
         assert (killed / name).read_text() == (straight / name).read_text(), name
     assert 0 < saved["iteration"] < 30
+
+
+def test_a_best_saved_after_the_last_checkpoint_is_kept_on_resume(pretrained, fc100_small, tmp_path):
+    """A kill between a validation that writes `meta_train/best` and the next save of `last` leaves
+    `last` with an older best accuracy; resuming must not let a lower validation replace that best."""
+    from metatransfer.phases import meta_train
+    from metatransfer.run import read_run_config
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(pretrained, run_dir)
+    assert main(["meta-train", *_args(fc100_small, run_dir, META_TRAIN)]) == 0
+    best = json.loads((run_dir / "meta_train" / "best.json").read_text())["val_accuracy"]
+    last = run_dir / "meta_train" / "last.json"
+    last.write_text(json.dumps({**json.loads(last.read_text()), "best_accuracy": best - 5.0}))  # as if saved before that best
+    assert meta_train.run(read_run_config(run_dir), run_dir, log=lambda message: None)["best_val_accuracy"] == best

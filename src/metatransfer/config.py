@@ -139,7 +139,7 @@ class MetaTrainConfig:
     val_seed: int = 2
     classes: str = "all"  # base classes of the meta-training tasks: all | held_out (those pre-training left out)
     augment: bool = False  # apply the pre-training augmentation (data.augment, hflip, jitter) to episode images
-    ss_l2: float = 0.0  # weight of sum((scale - 1)^2) + sum(shift^2): a pull of SS back toward identity
+    ss_l2: float = 0.0  # weight of sum((scale - 1)^2) + sum(shift^2): a pull of SS back toward identity (not of model.ss_bn_affine's BN parameters)
     init_checkpoint: str = "best"  # the pre-trained backbone meta-training starts from: best | last | epoch-N (pretrain.save_epochs)
     hard_tasks: HardTaskConfig = field(default_factory=HardTaskConfig)
 
@@ -322,6 +322,11 @@ def check_config(config: Config) -> None:
     if meta.val_seed == config.meta_test.seed:
         raise ValueError(f"meta_train.val_seed={meta.val_seed} equals meta_test.seed, whose validation episodes chose the "
                          "pre-training epoch; give meta-train validation its own seed.")
+    if config.model.adapt == "ft" and (config.model.ss_bn_affine or meta.ss_l2):
+        raise ValueError("model.ss_bn_affine and meta_train.ss_l2 act on scaling-shifting; with model.adapt=ft there is none: "
+                         "set model.adapt=ss, or leave them at false / 0.")
+    if learner.learn_temperature and learner.logits != "cosine":
+        raise ValueError("base_learner.learn_temperature scales cosine logits only: set base_learner.logits=cosine, or learn_temperature=false.")
     if meta.classes == "held_out" and not config.pretrain.held_out_classes:
         raise ValueError("meta_train.classes=held_out needs pretrain.held_out_classes > 0 (the classes pre-training leaves out).")
     if config.pretrain.epochs == 0 and not config.model.init_from:

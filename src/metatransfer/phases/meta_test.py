@@ -27,7 +27,8 @@ from metatransfer.models.head import BaseLearner
 from metatransfer.models.scale_shift import apply_scale_shift, fold_scale_shift
 from metatransfer.phases.cross_domain import load_foreign_split
 from metatransfer.phases.features import (
-    batch_statistics, build_backbone, extract_features, forward_images, load_pretrained_backbone, load_run_split, untrained_theta,
+    batch_statistics, build_backbone, extract_features, forward_images, load_pretrained_backbone, load_run_split, pretrained_stem,
+    untrained_theta,
 )
 from metatransfer.progress import progress_bar
 from metatransfer.run import checkpoint_exists, load_checkpoint, resolve_device, tensors_under, write_json
@@ -136,7 +137,7 @@ def load_meta_model(run_dir: Path, config: Config, in_chans: int, device: torch.
     """The meta-trained backbone (SS folded), theta and the cosine temperature; without meta-training,
     the pre-trained backbone with theta at its untrained init (the paper's 'no meta-training' row).
     Returns a source label too."""
-    meta_stem, pre_stem = run_dir / "meta_train" / config.meta_test.checkpoint, run_dir / "pretrain" / "best"
+    meta_stem, pre_stem = run_dir / "meta_train" / config.meta_test.checkpoint, pretrained_stem(config, run_dir)
     if checkpoint_exists(meta_stem):
         backbone = build_backbone(config, in_chans)
         expect = {"backbone": config.model.backbone, "width": config.model.width, "in_chans": in_chans, "adapt": config.model.adapt}
@@ -151,9 +152,10 @@ def load_meta_model(run_dir: Path, config: Config, in_chans: int, device: torch.
     elif checkpoint_exists(pre_stem):
         backbone, weight, bias = _start_model(run_dir, config, in_chans)
         temperature = config.base_learner.temperature
-        source = "pretrain/best (no meta-training)"
+        source = f"pretrain/{pre_stem.name} (no meta-training)"
     else:
-        raise FileNotFoundError(f"{run_dir} has no meta_train/{config.meta_test.checkpoint} nor pretrain/best checkpoint; run `mtl pretrain` (and `mtl meta-train`) first.")
+        raise FileNotFoundError(f"{run_dir} has no meta_train/{config.meta_test.checkpoint} nor pretrain/{pre_stem.name} checkpoint; "
+                                "run `mtl pretrain` (and `mtl meta-train`) first.")
     return _for_inference(backbone, config, device), weight.float(), bias.float(), temperature, source
 
 

@@ -12,6 +12,7 @@ tasks, and the gradients are averaged; the HT scheduler sees all tasks' accuraci
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,8 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         sampler.load_state_dict(saved["sampler"])
         hard.load_state_dict(saved["hard_tasks"])
         start, best_accuracy = saved["iteration"], saved["best_accuracy"]
+        if checkpoint_exists(best_stem):  # a kill between a new best and the next save of last leaves best ahead of it
+            best_accuracy = max(best_accuracy, json.loads(best_stem.with_suffix(".json").read_text())["val_accuracy"])
         window, losses = saved.get("window", window), saved.get("losses", losses)
         if start >= meta.iterations:
             if not (run_dir / "meta_train" / "hard_classes.json").is_file():  # killed just after the last save
