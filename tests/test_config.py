@@ -7,6 +7,7 @@ import pytest
 from metatransfer.config import (
     Config,
     config_from_dict,
+    check_config,
     config_to_dict,
     list_presets,
     load_config,
@@ -22,6 +23,8 @@ def test_list_presets_names_the_shipped_files():
 @pytest.mark.parametrize("preset", list_presets())
 def test_every_shipped_preset_loads_and_differs_from_defaults(preset):
     config = load_config(preset)
+    # No shipped preset combines settings that do not work together (transfer-cpu is used with --init-from).
+    check_config(load_config(preset, ["model.init_from=RUN"] if config.pretrain.epochs == 0 else []))
     assert isinstance(config, Config)
     assert config_to_dict(config) != config_to_dict(Config())
 
