@@ -7,7 +7,7 @@ CONFIG-seedN. For each run this reads what the run wrote, nothing else:
 - results.json: per shot, test accuracy and the paired gain over the run's own start, with CIs.
 The configuration rows average the seeds; choose on the validation columns, never on test.
 
-    python benchmarks/study_table.py ~/mtl-runs/study-cfs/*/ [--markdown]
+    python benchmarks/study_table.py ~/mtl-runs/study-cfs/*/
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def read_run(run_dir: Path) -> dict:
     return {
         "name": run_dir.name,
         "config": re.sub(r"-seed\d+$", "", run_dir.name),
+        "study": str(run_dir.resolve().parent),  # seeds are averaged within one study folder, never across two
         "val_start": val[0]["accuracy"],
         "val_best": best["accuracy"],
         "best_step": best["step"],
@@ -61,8 +62,8 @@ def table(runs: list[dict]) -> list[list[str]]:
                      *_test_cells(run["test"], shots), f"{run['seconds']:.0f}"])
     by_config = defaultdict(list)
     for run in runs:
-        by_config[run["config"]].append(run)
-    for config, group in by_config.items():
+        by_config[run["study"], run["config"]].append(run)
+    for (_, config), group in by_config.items():
         if len(group) < 2:
             continue
         row = [f"**{config}** (mean of {len(group)})", f"{np.mean([r['val_start'] for r in group]):.2f}",

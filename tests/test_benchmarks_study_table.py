@@ -33,3 +33,10 @@ def test_rows_pick_the_earliest_best_validation_and_average_seeds(tmp_path: Path
     assert rows[1][2] == "36.00 (100)" and rows[1][4] == "+0.60 ± 0.20"
     mean = rows[-1]
     assert mean[0] == "**cosine** (mean of 2)" and mean[2] == "35.75" and mean[4] == "+0.40"
+
+
+def test_seeds_are_averaged_within_one_study_folder_only(tmp_path: Path) -> None:
+    runs = [study_table.read_run(_fake_run(tmp_path / study / name, [35.0, 36.0], gain=0.5))
+            for study, name in (("a", "cosine"), ("a", "cosine-seed1"), ("b", "cosine"))]
+    means = [row[0] for row in study_table.table(runs) if row[0].startswith("**")]
+    assert means == ["**cosine** (mean of 2)"]
