@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Issue 12 study, queue 2 (after study-cfs.sh): ss_bn_affine seeds, run when the first queue is done.
+R=~/mtl-runs; D=~/mtl-data; M=/work/main/.venv/bin/mtl
+while pgrep -f "study-cfs.sh" > /dev/null; do sleep 20; done
+job() {  # name dataset seed extra...
+  name=$1; ds=$2; seed=$3; shift 3
+  if [ $ds = cfs ]; then base=(--preset cifar-fs-cpu --init-from $R/cifarfs-half); more=(meta_train.val_episodes=600); out=$R/study-cfs/$name
+  else base=(--preset fc100-cpu --init-from $R/fc100-half); more=(); out=$R/study/$name; fi
+  [ -f $out/results.json ] && return; rm -rf $out
+  echo "== $name $(date +%s)"
+  OMP_NUM_THREADS=1 $M run "${base[@]}" --data-root $D --out $out model.width=0.5 pretrain.epochs=0 seed=$seed \
+    meta_train.iterations=400 meta_train.val_every=100 meta_test.episodes=2000 "${more[@]}" "$@" > $out.log 2>&1
+  echo "== end $name rc=$? $(date +%s)"
+}
+export -f job; export R D M
+P="base_learner.fc_init=prototypes base_learner.prototype_normalise=true base_learner.logits=cosine base_learner.learn_temperature=true base_learner.learn_theta=false"
+cat > $R/study-cfs/jobs2.txt <<JOBS
+proto-cosine-bnaffine cfs 0 $P model.ss_bn_affine=true
+proto-cosine-bnaffine-seed1 fc 1 $P model.ss_bn_affine=true
+proto-cosine-bnaffine-seed2 fc 2 $P model.ss_bn_affine=true
+JOBS
+xargs -P 2 -L 1 bash -c 'job "$@"' _ < $R/study-cfs/jobs2.txt
+echo "== all done $(date +%s)"
