@@ -120,3 +120,52 @@ def test_ft_rows_drop_the_settings_that_only_act_on_scaling_shifting():
     assert (ss.model.ss_bn_affine, ss.meta_train.ss_l2) == (True, 0.1)
     check_config(ft)
     check_config(ss)
+
+
+def _fake_phases(monkeypatch) -> list[tuple[str, int]]:
+    """Replace meta-training and meta-testing by stubs that record which run and seed they were given."""
+    from metatransfer import ablate
+
+    calls: list[tuple[str, int]] = []
+    monkeypatch.setattr(ablate.meta_train, "run", lambda config, run_dir, log: calls.append(("train", config.seed)))
+
+    def fake_test(config, run_dir, log):
+        calls.append(("test", config.seed))
+        return [_result(config.meta_test.n_shot[0], 50.0)]
+
+    monkeypatch.setattr(ablate.meta_test, "run", fake_test)
+    return calls
+
+
+def _pretrained_dir(tmp_path, stem: str):
+    run = tmp_path / "pretrained"
+    (run / "pretrain").mkdir(parents=True)
+    for suffix in (".json", ".safetensors"):
+        (run / "pretrain" / f"{stem}{suffix}").write_text(stem)
+    return run
+
+
+def test_ablation_starts_every_row_from_the_chosen_pretraining_checkpoint(tmp_path, monkeypatch):
+    from metatransfer.ablate import run_ablation
+    from metatransfer.config import load_config
+
+    _fake_phases(monkeypatch)
+    pretrained = _pretrained_dir(tmp_path, "epoch-4")
+    base = load_config("smoke", ["pretrain.save_epochs=4", "meta_train.init_checkpoint=epoch-4"])
+    run_ablation(base, tmp_path / "out", shots=[1], seeds=[0], pretrained=pretrained, rows=["SS + HT"], log=lambda _: None)
+    assert (tmp_path / "out" / "ss--ht-1shot-seed0" / "pretrain" / "epoch-4.safetensors").read_text() == "epoch-4"
+    with pytest.raises(FileNotFoundError, match="no pretrain/best checkpoint"):
+        run_ablation(load_config("smoke"), tmp_path / "out2", shots=[1], seeds=[0], pretrained=pretrained, log=lambda _: None)
+
+
+@pytest.mark.parametrize("init, seeds_scored", [("zeros", [0]), ("kaiming", [0, 1])])
+def test_the_untrained_row_is_scored_per_seed_only_where_theta_starts_random(tmp_path, monkeypatch, init, seeds_scored):
+    from metatransfer.ablate import run_ablation
+    from metatransfer.config import load_config
+
+    calls = _fake_phases(monkeypatch)
+    base = load_config("smoke", [f"base_learner.init={init}"])
+    records = run_ablation(base, tmp_path / "out", shots=[1], seeds=[0, 1], pretrained=_pretrained_dir(tmp_path, "best"),
+                           rows=["pre-trained, FC at test only"], log=lambda _: None)
+    assert calls == [("test", seed) for seed in seeds_scored]
+    assert [r["seed"] for r in records] == seeds_scored

@@ -69,9 +69,13 @@ def run_ablation(
 ) -> list[dict[str, Any]]:
     """Run (or resume) every row x shot x seed under `out` and return one record per run."""
     shared = out / "pretrained"
+    start = base.meta_train.init_checkpoint
+    # The untrained row's score depends on the seed only where theta starts random (kaiming, xavier).
+    untrained_seeds = seeds[:1] if base.base_learner.init == "zeros" else seeds
     if pretrained is not None:
-        if not checkpoint_exists(pretrained / "pretrain" / "best"):
-            raise FileNotFoundError(f"{pretrained} has no pretrain/best checkpoint; give a run directory that finished `mtl pretrain`.")
+        if not checkpoint_exists(pretrained / "pretrain" / start):
+            raise FileNotFoundError(f"{pretrained} has no pretrain/{start} checkpoint (meta_train.init_checkpoint); give a run "
+                                    "directory that finished `mtl pretrain` with it, or set meta_train.init_checkpoint=best.")
         shared = pretrained
     else:
         prepare_run_dir(shared, base)
@@ -80,15 +84,15 @@ def run_ablation(
     for row in rows:
         adapt, hard, trained = ROWS[row]
         for shot in shots:
-            for seed in seeds if trained else seeds[:1]:  # the untrained row has no seed-dependent part
+            for seed in seeds if trained else untrained_seeds:
                 config = _row_config(base, adapt, hard, shot, seed)
                 run_dir = out / f"{_slug(row)}-{shot}shot-seed{seed}"
                 run_dir.mkdir(parents=True, exist_ok=True)
                 for suffix in (".json", ".safetensors"):
-                    target = run_dir / "pretrain" / f"best{suffix}"
+                    target = run_dir / "pretrain" / f"{start}{suffix}"
                     if not target.exists():
                         target.parent.mkdir(exist_ok=True)
-                        shutil.copy2(shared / "pretrain" / f"best{suffix}", target)
+                        shutil.copy2(shared / "pretrain" / f"{start}{suffix}", target)
                 prepare_run_dir(run_dir, config)
                 log(f"ablation: {row}, {shot}-shot, seed {seed} -> {run_dir}")
                 if trained:
