@@ -118,6 +118,7 @@ def test_ft_rows_drop_the_settings_that_only_act_on_scaling_shifting():
     ft, ss = _row_config(base, "ft", True, 1, 0), _row_config(base, "ss", True, 1, 0)
     assert (ft.model.ss_bn_affine, ft.meta_train.ss_l2, ft.meta_train.first_order) == (False, 0.0, True)
     assert (ss.model.ss_bn_affine, ss.meta_train.ss_l2) == (True, 0.1)
+    assert _row_config(load_config("smoke", ["meta_train.val_shots=1,5"]), "ss", True, 5, 0).meta_train.val_shots == []
     check_config(ft)
     check_config(ss)
 

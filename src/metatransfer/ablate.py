@@ -53,7 +53,7 @@ def _row_config(base: Config, adapt: str, hard: bool, shot: int, seed: int) -> C
     ss = adapt == "ss"  # FT rows drop the settings that only act on scaling-shifting
     config.model = replace(base.model, adapt=adapt, ss_bn_affine=base.model.ss_bn_affine and ss)
     config.meta_train = replace(base.meta_train, n_shot=shot, first_order=base.meta_train.first_order or not ss,
-                                ss_l2=base.meta_train.ss_l2 if ss else 0.0,
+                                ss_l2=base.meta_train.ss_l2 if ss else 0.0, val_shots=[],  # each row trains and tests one shot
                                 hard_tasks=replace(base.meta_train.hard_tasks, enabled=hard))
     config.meta_test = replace(base.meta_test, n_shot=[shot])
     return config

@@ -137,6 +137,10 @@ class MetaTrainConfig:
     # meta_test.seed, whose validation episodes picked the pre-training epoch: scoring iteration 0
     # on those again would hand the start a winner's-curse bonus that later iterations must beat.
     val_seed: int = 2
+    # Further shots to validate at, each keeping its own meta_train/best-<K>shot that meta-test uses
+    # for K-shot tasks: the paper trains one model per shot, and a checkpoint that helps 1-shot can
+    # cost 5-shot. Empty: validate at n_shot only (meta_train/best serves every shot).
+    val_shots: list[int] = field(default_factory=list)
     classes: str = "all"  # base classes of the meta-training tasks: all | held_out (those pre-training left out)
     augment: bool = False  # apply the pre-training augmentation (data.augment, hflip, jitter) to episode images
     ss_l2: float = 0.0  # weight of sum((scale - 1)^2) + sum(shift^2): a pull of SS back toward identity (not of model.ss_bn_affine's BN parameters)
@@ -331,6 +335,8 @@ def check_config(config: Config) -> None:
         raise ValueError("meta_train.classes=held_out needs pretrain.held_out_classes > 0 (the classes pre-training leaves out).")
     if config.pretrain.epochs == 0 and not config.model.init_from:
         raise ValueError("pretrain.epochs=0 keeps the initial backbone, which only makes sense with --init-from (model.init_from).")
+    if any(shot < 1 for shot in meta.val_shots):
+        raise ValueError(f"meta_train.val_shots={meta.val_shots}: shots are positive integers (for example 5, or 1,5).")
     name = meta.init_checkpoint
     if name not in ("best", "last") and not (name.startswith("epoch-") and name[6:].isdigit() and int(name[6:]) in config.pretrain.save_epochs):
         raise ValueError(f"meta_train.init_checkpoint={name!r}: use best, last or epoch-N with N in pretrain.save_epochs "

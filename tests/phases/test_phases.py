@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from metatransfer.cli import main
-from metatransfer.config import load_config
+from metatransfer.config import check_config, load_config
 from metatransfer.data.cache import load_split
 from metatransfer.phases import meta_test, meta_train
 from metatransfer.run import prepare_run_dir
@@ -288,17 +288,37 @@ def test_pre_training_holds_out_base_classes_that_meta_training_then_uses(fc100_
         meta_train.run(config, out, log=_quiet)
 
 
+def test_each_validated_shot_keeps_its_own_checkpoint_and_meta_test_scores_that_shot_with_it(smoke_run, fc100_small, tmp_path):
+    config = _variant(smoke_run, tmp_path, fc100_small, ["meta_train.val_shots=5", "meta_test.n_shot=5,1", "meta_test.n_query=5", "meta_train.lr_ss=0.05"])
+    meta_train.run(config, tmp_path, log=_quiet)
+    val = [r for r in _records(tmp_path) if r["phase"] == "meta_train_val"]
+    assert [r["step"] for r in val] == [0, 3, 6] and all({"accuracy", "accuracy_5shot", "ci95_5shot"} <= set(r) for r in val)
+    for stem, key in (("best", "accuracy"), ("best-5shot", "accuracy_5shot")):
+        kept = json.loads((tmp_path / "meta_train" / f"{stem}.json").read_text())
+        first_max = next(r for r in val if r[key] == max(v[key] for v in val))  # a later tie does not replace the kept one
+        assert (kept["iteration"], kept["val_accuracy"], kept["val_shot"]) == (first_max["step"], first_max[key], 5 if "5" in stem else 1)
+    results = meta_test.run(config, tmp_path, log=_quiet)
+    assert [(r["shot"], r["model"], r["checkpoint"]) for r in results] == [(5, "meta_train/best-5shot", "best"), (1, "meta_train/best", "best")]
+    assert all("gain" in r for r in results)
+    last = meta_test.run(load_config("smoke", [f"data.root={fc100_small[0]}", f"data.name={fc100_small[1]}", "meta_test.n_shot=5,1", "meta_test.n_query=5",
+                                               "meta_test.checkpoint=last"]), tmp_path, log=_quiet)
+    assert {r["model"] for r in last} == {"meta_train/last"}
+    with pytest.raises(ValueError, match="val_shots"):
+        check_config(load_config("smoke", ["meta_train.val_shots=0"]))
+
+
 def test_meta_test_without_meta_training_uses_the_pretrained_backbone(smoke_run, fc100_small, tmp_path):
     config = _variant(smoke_run, tmp_path, fc100_small, [])
     (result,) = meta_test.run(config, tmp_path, log=_quiet)
     assert result["model"].startswith("pretrain/best")
 
 
-def test_interrupted_meta_train_resumes_to_the_same_model(smoke_run, fc100_small, tmp_path, monkeypatch):
+@pytest.mark.parametrize("overrides", [[], ["meta_train.val_shots=5", "meta_test.n_query=5"]], ids=["one-shot", "val-shots"])
+def test_interrupted_meta_train_resumes_to_the_same_model(smoke_run, fc100_small, tmp_path, monkeypatch, overrides):
     """Stopped after the checkpoint at iteration 3 of 6, a rerun continues to identical weights."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    config = _variant(smoke_run, straight, fc100_small, [])
-    _variant(smoke_run, resumed, fc100_small, [])
+    config = _variant(smoke_run, straight, fc100_small, overrides)
+    _variant(smoke_run, resumed, fc100_small, overrides)
     meta_train.run(config, straight, log=_quiet)
 
     calls = {"n": 0}
@@ -322,6 +342,9 @@ def test_interrupted_meta_train_resumes_to_the_same_model(smoke_run, fc100_small
     b = load_file(str(resumed / "meta_train" / "last.safetensors"))
     assert set(a) == set(b) and all(a[k].equal(b[k]) for k in a)
     assert (straight / "meta_train" / "hard_classes.json").read_text() == (resumed / "meta_train" / "hard_classes.json").read_text()
+    kept = sorted(p.name for p in (straight / "meta_train").glob("best*.json"))
+    assert kept == (["best-5shot.json", "best.json"] if overrides else ["best.json"])
+    assert all((straight / "meta_train" / name).read_text() == (resumed / "meta_train" / name).read_text() for name in kept)
 
 
 # paper-scale presets with tiny step counts -------------------------------------------------------

@@ -24,7 +24,7 @@ from metatransfer.models.head import init_head_weight
 from metatransfer.data.cache import ImageSplit, load_split
 from metatransfer.run import autocast, load_checkpoint, resolve_device, seed_everything, tensors_under
 
-__all__ = ["load_run_split", "start_phase", "build_backbone", "backbone_meta", "pretrained_stem", "load_pretrained_backbone", "held_out_classes", "class_subset", "untrained_theta", "extract_features", "batch_statistics", "forward_images"]
+__all__ = ["load_run_split", "start_phase", "build_backbone", "backbone_meta", "pretrained_stem", "shot_best_stem", "load_pretrained_backbone", "held_out_classes", "class_subset", "untrained_theta", "extract_features", "batch_statistics", "forward_images"]
 
 
 def load_run_split(config: Config, split: str) -> ImageSplit:
@@ -93,6 +93,11 @@ def pretrained_stem(config: Config, run_dir: Path) -> Path:
     """The pre-training checkpoint meta-training starts from (`meta_train.init_checkpoint`, whose
     form `config.check_config` checks)."""
     return Path(run_dir) / "pretrain" / config.meta_train.init_checkpoint
+
+
+def shot_best_stem(run_dir: Path, shot: int) -> Path:
+    """The checkpoint validation at `shot` picked (meta_train.val_shots), which meta-test uses for that shot."""
+    return Path(run_dir) / "meta_train" / f"best-{shot}shot"
 
 
 def load_pretrained_backbone(config: Config, run_dir: Path, in_chans: int) -> nn.Module:

@@ -27,7 +27,7 @@ from metatransfer.models.head import BaseLearner
 from metatransfer.models.scale_shift import apply_scale_shift, fold_scale_shift
 from metatransfer.phases.cross_domain import load_foreign_split
 from metatransfer.phases.features import (
-    batch_statistics, build_backbone, extract_features, forward_images, load_pretrained_backbone, load_run_split, pretrained_stem,
+    batch_statistics, build_backbone, extract_features, forward_images, load_pretrained_backbone, load_run_split, pretrained_stem, shot_best_stem,
     untrained_theta,
 )
 from metatransfer.progress import progress_bar
@@ -133,11 +133,13 @@ def _for_inference(backbone: nn.Module, config: Config, device: torch.device) ->
     return backbone.eval()
 
 
-def load_meta_model(run_dir: Path, config: Config, in_chans: int, device: torch.device) -> tuple[nn.Module, torch.Tensor, torch.Tensor, float, str]:
-    """The meta-trained backbone (SS folded), theta and the cosine temperature; without meta-training,
-    the pre-trained backbone with theta at its untrained init (the paper's 'no meta-training' row).
-    Returns a source label too."""
-    meta_stem, pre_stem = run_dir / "meta_train" / config.meta_test.checkpoint, pretrained_stem(config, run_dir)
+def load_meta_model(run_dir: Path, config: Config, in_chans: int, device: torch.device,
+                    checkpoint: str | None = None) -> tuple[nn.Module, torch.Tensor, torch.Tensor, float, str]:
+    """The meta-trained backbone (SS folded), theta and the cosine temperature from meta_train/`checkpoint`
+    (default `meta_test.checkpoint`); without meta-training, the pre-trained backbone with theta at its
+    untrained init (the paper's 'no meta-training' row). Returns a source label too."""
+    checkpoint = checkpoint or config.meta_test.checkpoint
+    meta_stem, pre_stem = run_dir / "meta_train" / checkpoint, pretrained_stem(config, run_dir)
     if checkpoint_exists(meta_stem):
         backbone = build_backbone(config, in_chans)
         expect = {"backbone": config.model.backbone, "width": config.model.width, "in_chans": in_chans, "adapt": config.model.adapt}
@@ -148,13 +150,13 @@ def load_meta_model(run_dir: Path, config: Config, in_chans: int, device: torch.
         fold_scale_shift(backbone)
         weight, bias = tensors["head.weight"], tensors["head.bias"]
         temperature = float(tensors["head.temperature"]) if "head.temperature" in tensors else config.base_learner.temperature
-        source = f"meta_train/{config.meta_test.checkpoint}"
+        source = f"meta_train/{checkpoint}"
     elif checkpoint_exists(pre_stem):
         backbone, weight, bias = _start_model(run_dir, config, in_chans)
         temperature = config.base_learner.temperature
         source = f"pretrain/{pre_stem.name} (no meta-training)"
     else:
-        raise FileNotFoundError(f"{run_dir} has no meta_train/{config.meta_test.checkpoint} nor pretrain/{pre_stem.name} checkpoint; "
+        raise FileNotFoundError(f"{run_dir} has no meta_train/{checkpoint} nor pretrain/{pre_stem.name} checkpoint; "
                                 "run `mtl pretrain` (and `mtl meta-train`) first.")
     return _for_inference(backbone, config, device), weight.float(), bias.float(), temperature, source
 
@@ -230,21 +232,38 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _checkpoint_per_shot(run_dir: Path, config: Config) -> dict[int, str]:
+    """meta_test.checkpoint for every test shot, except that `best` means, for a shot validated on its
+    own (meta_train.val_shots), the checkpoint that validation picked: best-<K>shot."""
+    chosen = config.meta_test.checkpoint
+    return {shot: shot_best_stem(run_dir, shot).name if chosen == "best" and checkpoint_exists(shot_best_stem(run_dir, shot)) else chosen
+            for shot in config.meta_test.n_shot}
+
+
 def score_run(run_dir: Path, config: Config, split: ImageSplit, device: torch.device) -> tuple[list[dict[str, Any]], str]:
     """The run's model on `split`'s seeded test episodes; a meta-trained model also gets its
-    pre-trained start scored on the very same episodes, and the paired gain over it."""
+    pre-trained start scored on the very same episodes, and the paired gain over it. Shots validated
+    on their own are scored with their own checkpoint (episodes depend on way and shot only)."""
     in_chans = split.images.shape[-1]
-    backbone, weight, bias, temperature, source = load_meta_model(run_dir, config, in_chans, device)
     test = config.meta_test
-    options = dict(ways=test.n_way, shots=test.n_shot, episodes=test.episodes, n_query=test.n_query, protocol=test.protocol, seed=test.seed)
-    results = evaluate_split(backbone, weight, bias, split, config, device, temperature=temperature, **options)
-    if source.startswith("meta_train"):
-        start_backbone, start_weight, start_bias = load_start_model(run_dir, config, in_chans, device)
-        for result, start in zip(results, evaluate_split(start_backbone, start_weight, start_bias, split, config, device, **options)):
-            add_paired_gain(result, {**start, "checkpoint": config.meta_train.init_checkpoint})
-    for result in results:
-        result["model"], result["checkpoint"] = source, test.checkpoint
-    return results, source
+    options = dict(ways=test.n_way, episodes=test.episodes, n_query=test.n_query, protocol=test.protocol, seed=test.seed)
+    per_shot = _checkpoint_per_shot(run_dir, config)
+    results, sources = [], []
+    for checkpoint in dict.fromkeys(per_shot.values()):
+        backbone, weight, bias, temperature, source = load_meta_model(run_dir, config, in_chans, device, checkpoint)
+        shots = [shot for shot, name in per_shot.items() if name == checkpoint]
+        scored = evaluate_split(backbone, weight, bias, split, config, device, temperature=temperature, shots=shots, **options)
+        if source.startswith("meta_train"):
+            start_backbone, start_weight, start_bias = load_start_model(run_dir, config, in_chans, device)
+            for result, start in zip(scored, evaluate_split(start_backbone, start_weight, start_bias, split, config, device, shots=shots, **options)):
+                add_paired_gain(result, {**start, "checkpoint": config.meta_train.init_checkpoint})
+        for result in scored:
+            result["model"], result["checkpoint"] = source, test.checkpoint
+        results += scored
+        sources.append(source)
+    order = {(way, shot): i for i, (way, shot) in enumerate((w, k) for w in test.n_way for k in test.n_shot)}
+    results.sort(key=lambda r: order[(r["way"], r["shot"])])
+    return results, " and ".join(sources)
 
 
 def write_results(results: list[dict[str, Any]], results_path: Path, episodes_dir: Path) -> None:

@@ -29,7 +29,7 @@ from metatransfer.distributed import all_gather, all_reduce_gradients, all_reduc
 from metatransfer.models.head import BaseLearner, per_class_accuracy
 from metatransfer.models.scale_shift import apply_scale_shift, scale_shift_parameters, scale_shift_penalty
 from metatransfer.phases.features import (
-    backbone_meta, batch_statistics, class_subset, forward_images, held_out_classes, load_pretrained_backbone, pretrained_stem, start_phase,
+    backbone_meta, batch_statistics, class_subset, forward_images, held_out_classes, load_pretrained_backbone, pretrained_stem, shot_best_stem, start_phase,
     untrained_theta,
 )
 from metatransfer.phases import pretrain
@@ -132,7 +132,8 @@ def _learning_rates(config: Config, iteration: int) -> tuple[float, float]:
 
 
 def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
-    """Meta-train from `pretrain/best`; writes `meta_train/best` (by validation) and `meta_train/last`."""
+    """Meta-train from `pretrain/best`; writes `meta_train/best` (by validation), `meta_train/last`,
+    and with `meta_train.val_shots` a `meta_train/best-<K>shot` per further shot."""
     meta = config.meta_train
     log = log if is_main() else (lambda message: None)
     if config.model.init_from and not checkpoint_exists(run_dir / "pretrain" / "best"):
@@ -165,6 +166,8 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     shard = rank_slice(meta.n_tasks, "meta_train.n_tasks")  # this rank's tasks of each meta-batch
     metrics = MetricsLog(run_dir, enabled=is_main(), name="meta_train")
     start, best_accuracy = 0, -1.0
+    extra_shots = [shot for shot in dict.fromkeys(meta.val_shots) if shot != meta.n_shot]
+    best_by_shot = {shot: -1.0 for shot in extra_shots}  # meta_train.val_shots: best-<K>shot's validation accuracy
     window: dict[str, list[float]] = {"normal": [], "hard": []}  # task accuracies since the last metrics line
     losses: list[float] = []
     last_stem, best_stem = run_dir / "meta_train" / "last", run_dir / "meta_train" / "best"
@@ -178,7 +181,8 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
             return
         optim_tensors, optim_meta = optimizer_to_tensors(optimizer, "optimizer")
         save_checkpoint(last_stem, {**model_tensors(), **optim_tensors, "rng.torch": torch.get_rng_state()}, {
-            **model_meta, "iteration": iteration, "best_accuracy": best_accuracy, "optimizer": optim_meta,
+            **model_meta, "iteration": iteration, "best_accuracy": best_accuracy, "best_by_shot": {str(k): v for k, v in best_by_shot.items()},
+            "optimizer": optim_meta,
             "sampler": sampler.state_dict(), "hard_tasks": hard.state_dict(), "window": window, "losses": losses,
             "complete": iteration >= meta.iterations,
         })
@@ -201,8 +205,12 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         sampler.load_state_dict(saved["sampler"])
         hard.load_state_dict(saved["hard_tasks"])
         start, best_accuracy = saved["iteration"], saved["best_accuracy"]
+        best_by_shot.update({int(k): v for k, v in saved.get("best_by_shot", {}).items() if int(k) in best_by_shot})
         if checkpoint_exists(best_stem):  # a kill between a new best and the next save of last leaves best ahead of it
             best_accuracy = max(best_accuracy, json.loads(best_stem.with_suffix(".json").read_text())["val_accuracy"])
+        for shot in best_by_shot:
+            if checkpoint_exists(stem := shot_best_stem(run_dir, shot)):
+                best_by_shot[shot] = max(best_by_shot[shot], json.loads(stem.with_suffix(".json").read_text())["val_accuracy"])
         window, losses = saved.get("window", window), saved.get("losses", losses)
         if start >= meta.iterations:
             if not (run_dir / "meta_train" / "hard_classes.json").is_file():  # killed just after the last save
@@ -215,20 +223,29 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
 
     trend: dict[str, float] = {}  # the last metrics line's loss and task accuracy, for the validation lines
 
+    def keep_if_best(stem: Path, result: dict[str, Any], best: float, iteration: int) -> float:
+        if result["accuracy"] <= best:
+            return best
+        if is_main():
+            save_checkpoint(stem, model_tensors(), {**model_meta, "iteration": iteration, "val_shot": result["shot"],
+                                                    "val_accuracy": result["accuracy"], "val_ci95": result["ci95"]})
+        return result["accuracy"]
+
     def validate(iteration: int) -> float:
         nonlocal best_accuracy
-        result = evaluate_split(
-            backbone, head_weight.detach(), head_bias.detach(), val, config, device, ways=[meta.n_way], shots=[meta.n_shot],
+        result, *others = evaluate_split(
+            backbone, head_weight.detach(), head_bias.detach(), val, config, device, ways=[meta.n_way], shots=[meta.n_shot, *extra_shots],
             temperature=head_temperature.detach(),
             episodes=meta.val_episodes, n_query=config.meta_test.n_query, protocol="standard", seed=meta.val_seed,
-        )[0]
-        metrics.log("meta_train_val", iteration, accuracy=result["accuracy"], ci95=result["ci95"])
-        if result["accuracy"] > best_accuracy:
-            best_accuracy = result["accuracy"]
-            if is_main():
-                save_checkpoint(best_stem, model_tensors(), {**model_meta, "iteration": iteration, "val_accuracy": best_accuracy, "val_ci95": result["ci95"]})
+        )
+        extra = {f"{key}_{other['shot']}shot": other[key] for other in others for key in ("accuracy", "ci95")}
+        metrics.log("meta_train_val", iteration, accuracy=result["accuracy"], ci95=result["ci95"], **extra)
+        best_accuracy = keep_if_best(best_stem, result, best_accuracy, iteration)
+        for other in others:
+            best_by_shot[other["shot"]] = keep_if_best(shot_best_stem(run_dir, other["shot"]), other, best_by_shot[other["shot"]], iteration)
         trained = f"loss {trend['loss']:.3f}, task acc {trend['accuracy']:.1f}%, " if trend else ""
-        log(f"meta-train {iteration}/{meta.iterations}: {trained}val {result['accuracy']:.2f} +- {result['ci95']:.2f}% (best {best_accuracy:.2f}%)")
+        also = "".join(f"; {o['shot']}-shot {o['accuracy']:.2f} (best {best_by_shot[o['shot']]:.2f}%)" for o in others)
+        log(f"meta-train {iteration}/{meta.iterations}: {trained}val {result['accuracy']:.2f} +- {result['ci95']:.2f}% (best {best_accuracy:.2f}%){also}")
         return result["accuracy"]
 
     if start == 0:
