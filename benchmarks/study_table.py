@@ -3,7 +3,8 @@
 A study is a set of `mtl run` directories, one per (configuration, seed), named CONFIG or
 CONFIG-seedN. For each run this reads what the run wrote, nothing else:
 - metrics.jsonl: validation at iteration 0 (the pre-trained start), the best validation and its
-  iteration, and the meta-training time (from the start of meta-training to its last validation);
+  iteration (also per further shot of meta_train.val_shots), and the meta-training time (from the
+  start of meta-training to its last validation);
 - results.json: per shot, test accuracy and the paired gain over the run's own start, with CIs.
 The configuration rows average the seeds; choose on the validation columns, never on test.
 
@@ -30,6 +31,12 @@ def read_run(run_dir: Path) -> dict:
     best = max(val, key=lambda r: (r["accuracy"], -r["step"]))  # ties go to the earlier iteration, as the run keeps it
     start_time = next(r["time"] for r in records if r["phase"] in ("pretrain", "meta_train_val"))
     results = json.loads((run_dir / "results.json").read_text())
+    extra_shots = sorted({int(m.group(1)) for r in val for key in r if (m := re.fullmatch(r"accuracy_(\d+)shot", key))})
+    val_by_shot = {}  # meta_train.val_shots: each further shot's start, best and the iteration its checkpoint kept
+    for shot in extra_shots:
+        key = f"accuracy_{shot}shot"
+        kept = max(val, key=lambda r: (r[key], -r["step"]))
+        val_by_shot[shot] = {"start": val[0][key], "best": kept[key], "step": kept["step"]}
     return {
         "name": run_dir.name,
         "config": re.sub(r"-seed\d+$", "", run_dir.name),
@@ -38,6 +45,7 @@ def read_run(run_dir: Path) -> dict:
         "val_best": best["accuracy"],
         "best_step": best["step"],
         "seconds": val[-1]["time"] - start_time,
+        "val_by_shot": val_by_shot,
         "test": {r["shot"]: r for r in results if r.get("checkpoint", "best") == "best" and r["protocol"] == "standard"},
     }
 
@@ -53,12 +61,19 @@ def _test_cells(test: dict, shots: list[int]) -> list[str]:
 def table(runs: list[dict]) -> list[list[str]]:
     """Rows: every run, then one mean row per configuration with two or more seeds."""
     shots = sorted({shot for run in runs for shot in run["test"]})
+    val_shots = sorted({shot for run in runs for shot in run.get("val_by_shot", {})})
     header = ["run", "val start", "val best (it)"]
+    for shot in val_shots:
+        header += [f"val {shot}-shot start", f"val {shot}-shot best (it)"]
     for shot in shots:
         header += [f"test {shot}-shot", f"gain {shot}-shot"]
     rows = [header + ["meta-train s"]]
     for run in runs:
-        rows.append([run["name"], f"{run['val_start']:.2f}", f"{run['val_best']:.2f} ({run['best_step']})",
+        extra = []
+        for shot in val_shots:
+            v = run.get("val_by_shot", {}).get(shot)
+            extra += ["", ""] if v is None else [f"{v['start']:.2f}", f"{v['best']:.2f} ({v['step']})"]
+        rows.append([run["name"], f"{run['val_start']:.2f}", f"{run['val_best']:.2f} ({run['best_step']})", *extra,
                      *_test_cells(run["test"], shots), f"{run['seconds']:.0f}"])
     by_config = defaultdict(list)
     for run in runs:
@@ -68,6 +83,9 @@ def table(runs: list[dict]) -> list[list[str]]:
             continue
         row = [f"**{config}** (mean of {len(group)})", f"{np.mean([r['val_start'] for r in group]):.2f}",
                f"{np.mean([r['val_best'] for r in group]):.2f}"]
+        for shot in val_shots:
+            have = [r["val_by_shot"][shot] for r in group if shot in r.get("val_by_shot", {})]
+            row += [f"{np.mean([v['start'] for v in have]):.2f}", f"{np.mean([v['best'] for v in have]):.2f}"] if have else ["", ""]
         for shot in shots:
             have = [r["test"][shot] for r in group if shot in r["test"]]
             row += [f"{np.mean([r['accuracy'] for r in have]):.2f}", f"{np.mean([r['gain'] for r in have]):+.2f}"]

@@ -40,3 +40,15 @@ def test_seeds_are_averaged_within_one_study_folder_only(tmp_path: Path) -> None
             for study, name in (("a", "cosine"), ("a", "cosine-seed1"), ("b", "cosine"))]
     means = [row[0] for row in study_table.table(runs) if row[0].startswith("**")]
     assert means == ["**cosine** (mean of 2)"]
+
+
+def test_further_validated_shots_get_their_own_start_and_best_columns(tmp_path: Path) -> None:
+    run_dir = _fake_run(tmp_path / "cosine", [35.0, 36.0, 35.5], gain=0.5)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for record, five in zip(records[1:], (50.0, 49.0, 50.0)):
+        record.update(accuracy_5shot=five, ci95_5shot=0.5)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = study_table.read_run(run_dir)
+    assert run["val_by_shot"] == {5: {"start": 50.0, "best": 50.0, "step": 0}}  # the tie keeps iteration 0, as the run does
+    rows = study_table.table([run])
+    assert rows[0][3:5] == ["val 5-shot start", "val 5-shot best (it)"] and rows[1][3:5] == ["50.00", "50.00 (0)"]
