@@ -157,7 +157,7 @@ class MetaTestConfig:
     protocol: str = "standard"  # standard | paper (K queries, support doubled by h-flip)
     split: str = "test"
     seed: int = 1  # episodes depend on this seed only: the same on every machine
-    checkpoint: str = "best"  # best (by validation) | last (after the final meta-iteration)
+    checkpoint: str = "best"  # best (by validation; per shot with meta_train.val_shots) | last (after the final meta-iteration)
 
 
 @dataclass
