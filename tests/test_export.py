@@ -153,3 +153,11 @@ def test_batch_norm_in_batch_mode_only_exports_as_safetensors(smoke_run, tmp_pat
     (run / "config.yaml").write_text(text.replace("bn_mode: frozen", "bn_mode: batch"))
     with pytest.raises(ValueError, match="bn_mode=batch"):
         export_run(run, tmp_path / "out", "onnx", log=lambda _: None)
+
+
+def test_export_of_a_chosen_checkpoint(smoke_run, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "bundle-last"
+    assert main(["export", "--model", str(smoke_run), "--out", str(out), "--checkpoint", "last"]) == 0
+    assert FewShotClassifier.from_export(out).info["checkpoint"] == "meta_train/last"
+    with pytest.raises(ValueError, match="exported model, which holds one checkpoint"):
+        FewShotClassifier.load(out, checkpoint="best")

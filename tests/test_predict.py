@@ -129,3 +129,12 @@ def test_missing_support_and_query(smoke_run, fc100_folders, tmp_path, capsys): 
     assert "Support folder" in _error(capsys)
     assert _predict(smoke_run, fc100_folders[0], tmp_path / "nope") == 2
     assert "Query" in _error(capsys)
+
+
+def test_a_chosen_checkpoint_is_used_and_a_missing_one_is_named(smoke_run, fc100_folders, tmp_path, capsys):  # noqa: F811
+    support, query = fc100_folders
+    out = tmp_path / "preds.json"
+    assert _predict(smoke_run, support, query / "fox", extra=("--out", str(out), "--checkpoint", "last")) == 0
+    assert json.loads(out.read_text())["model"].endswith("(meta_train/last)")
+    assert _predict(smoke_run, support, query / "fox", extra=("--checkpoint", "best-5shot")) == 2
+    assert "no meta_train/best-5shot checkpoint; it has: best, last" in capsys.readouterr().err

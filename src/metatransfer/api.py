@@ -173,16 +173,19 @@ class FewShotClassifier:
     # --- constructors --------------------------------------------------------------------------
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, *, data_root: str | Path | None = None, device: str = "auto") -> "FewShotClassifier":
+    def from_run(cls, run_dir: str | Path, *, data_root: str | Path | None = None, device: str = "auto",
+                 checkpoint: str | None = None) -> "FewShotClassifier":
         """The model of a run directory (meta_train/best, else pretrain/best with a zero head).
 
         Args:
             run_dir: a directory written by `mtl run` (holds config.yaml and checkpoints).
+            checkpoint: another meta_train checkpoint: last, or best-5shot (kept by 5-shot
+                validation with meta_train.val_shots) when the support sets hold 5 images a class.
             data_root: where the prepared dataset lives, if not at the run's `data.root` any more;
                 its manifest gives the image size, channels and mean/std.
             device: "auto", "cpu", "cuda", ...
         """
-        return cls(**load_run_parts(Path(run_dir), data_root=data_root), device=device)
+        return cls(**load_run_parts(Path(run_dir), data_root=data_root, checkpoint=checkpoint), device=device)
 
     @classmethod
     def from_export(cls, export_dir: str | Path, *, device: str = "auto") -> "FewShotClassifier":
@@ -190,16 +193,20 @@ class FewShotClassifier:
         return cls(**load_bundle_parts(Path(export_dir)), device=device)
 
     @classmethod
-    def load(cls, path: str | Path, *, data_root: str | Path | None = None, device: str = "auto") -> "FewShotClassifier":
-        """A run directory or an export bundle, whichever `path` is."""
+    def load(cls, path: str | Path, *, data_root: str | Path | None = None, device: str = "auto",
+             checkpoint: str | None = None) -> "FewShotClassifier":
+        """A run directory or an export bundle, whichever `path` is (`checkpoint`: run directories only)."""
         path = Path(path)
         if not path.is_dir():
             problem = "is a file, not a directory" if path.exists() else "does not exist"
             raise FileNotFoundError(f"Model directory {path} {problem}; pass a run directory or an `mtl export` folder")
         if (path / BUNDLE_FILE).is_file():
+            if checkpoint is not None:
+                raise ValueError(f"{path} is an exported model, which holds one checkpoint; choose the checkpoint when exporting "
+                                 "(`mtl export --checkpoint`), or pass the run directory")
             return cls.from_export(path, device=device)
         if (path / "config.yaml").is_file():
-            return cls.from_run(path, data_root=data_root, device=device)
+            return cls.from_run(path, data_root=data_root, device=device, checkpoint=checkpoint)
         raise FileNotFoundError(
             f"{path} is neither a run directory (no config.yaml) nor an exported model (no {BUNDLE_FILE})"
         )

@@ -94,11 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, default=3, help="classes listed per query (default 3)")
     predict.add_argument("--data-root", type=Path, help="run directories: where the prepared dataset lives now, if it moved")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    predict.add_argument("--checkpoint", help="run directories: a meta_train checkpoint other than best (last, or best-5shot "
+                         "from meta_train.val_shots for 5 support images a class)")
     export = commands.add_parser("export", help="write a run's model as a self-contained bundle (SS folded)")
     export.add_argument("--model", type=Path, required=True, help="the run directory")
     export.add_argument("--format", default="safetensors", choices=["safetensors", "onnx", "torchscript"], help="backbone file format")
     export.add_argument("--out", type=Path, required=True, help="the bundle folder to write")
     export.add_argument("--data-root", type=Path, help="where the run's prepared dataset lives now, if it moved")
+    export.add_argument("--checkpoint", help="a meta_train checkpoint other than best (last, or best-5shot from meta_train.val_shots)")
     return parser
 
 
@@ -254,11 +257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "predict":
             from metatransfer.predict import predict_folders
 
-            predict_folders(args.model, args.support, args.query, out=args.out, top_k=args.top_k, data_root=args.data_root, device=args.device)
+            predict_folders(args.model, args.support, args.query, out=args.out, top_k=args.top_k, data_root=args.data_root, device=args.device,
+                            checkpoint=args.checkpoint)
         elif args.command == "export":
             from metatransfer.export import export_run
 
-            export_run(args.model, args.out, args.format, data_root=args.data_root)
+            export_run(args.model, args.out, args.format, data_root=args.data_root, checkpoint=args.checkpoint)
     except (ValueError, OSError, FloatingPointError) as error:  # OSError: disk full, no permission, missing file
         print(f"mtl: error: {error}", file=sys.stderr)
         return 2

@@ -152,7 +152,7 @@ def _model_card(bundle: dict[str, Any], run_dir: Path) -> str:
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str, *, data_root: str | Path | None = None,
-               log: Callable[[str], None] = print) -> Path:
+               checkpoint: str | None = None, log: Callable[[str], None] = print) -> Path:
     """Write a run's model as a bundle in `out_dir` (replaced whole if it already holds a bundle).
 
     Args:
@@ -160,6 +160,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str, *, data_root:
         out_dir: the bundle folder; must be new, empty, or a previous bundle.
         fmt: "safetensors", "onnx" or "torchscript".
         data_root: where the run's prepared dataset lives, if it moved (for mean/std and image size).
+        checkpoint: a meta_train checkpoint other than best (last, best-5shot, ...).
 
     Returns:
         `out_dir`.
@@ -169,7 +170,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str, *, data_root:
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / BUNDLE_FILE).is_file())):
         raise ValueError(f"{out_dir} exists and is not an export folder; choose a new --out")
-    parts = load_run_parts(run_dir, data_root=data_root)
+    parts = load_run_parts(run_dir, data_root=data_root, checkpoint=checkpoint)
     if fmt != "safetensors" and parts["bn_mode"] == "batch":
         raise ValueError(f"{run_dir} uses bn_mode=batch (per-set statistics), which {fmt} cannot hold; export as safetensors")
     prep, info, backbone = parts["preprocessing"], parts["info"], parts["backbone"]

@@ -39,7 +39,7 @@ from metatransfer.data.cache import read_manifest
 from metatransfer.models.backbones import create_backbone
 from metatransfer.models.head import BaseLearner
 from metatransfer.phases.meta_test import load_meta_model
-from metatransfer.run import read_run_config
+from metatransfer.run import checkpoint_exists, read_run_config
 
 __all__ = [
     "BUNDLE_FILE", "BUNDLE_FORMAT", "FORMATS", "HEAD_FILE", "Preprocessing", "OnnxBackbone", "read_bundle",
@@ -112,8 +112,11 @@ def _run_preprocessing(run_dir: Path, dataset: str, root: Path) -> tuple[Preproc
     return Preprocessing.from_manifest(manifest), manifest
 
 
-def load_run_parts(run_dir: Path, *, data_root: str | Path | None = None) -> dict[str, Any]:
+def load_run_parts(run_dir: Path, *, data_root: str | Path | None = None, checkpoint: str | None = None) -> dict[str, Any]:
     """The keyword arguments of `FewShotClassifier` for a run directory (backbone on the CPU).
+
+    `checkpoint` names a meta_train checkpoint (best, last, best-5shot with meta_train.val_shots);
+    by default meta_train/best, else the pre-trained backbone.
 
     Raises:
         FileNotFoundError: no run directory, no checkpoint, or the prepared dataset is missing.
@@ -122,11 +125,14 @@ def load_run_parts(run_dir: Path, *, data_root: str | Path | None = None) -> dic
     if not run_dir.is_dir():
         raise FileNotFoundError(f"Run directory {run_dir} does not exist")
     config = read_run_config(run_dir)
+    if checkpoint is not None and not checkpoint_exists(run_dir / "meta_train" / checkpoint):
+        kept = sorted(p.stem for p in (run_dir / "meta_train").glob("*.json") if checkpoint_exists(p.with_suffix("")))
+        raise FileNotFoundError(f"{run_dir} has no meta_train/{checkpoint} checkpoint; it has: {', '.join(kept) or 'none (not meta-trained)'}")
     root = Path(data_root) if data_root is not None else Path(config.data.root)
     preprocessing, manifest = _run_preprocessing(run_dir, config.data.name, root)
     if config.data.mean:  # a transfer run normalised with its source's statistics (model.init_normalisation=source)
         preprocessing = dataclasses.replace(preprocessing, mean=tuple(config.data.mean), std=tuple(config.data.std))
-    backbone, weight, bias, temperature, source = load_meta_model(run_dir, config, preprocessing.channels, torch.device("cpu"))
+    backbone, weight, bias, temperature, source = load_meta_model(run_dir, config, preprocessing.channels, torch.device("cpu"), checkpoint)
     backbone = backbone.to(memory_format=torch.contiguous_format).float().eval()
     info = {
         "source": f"{run_dir} ({source})",

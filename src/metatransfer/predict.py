@@ -173,9 +173,11 @@ def predict_folders(
     top_k: int = 3,
     data_root: str | Path | None = None,
     device: str = "auto",
+    checkpoint: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Fit a model on SUPPORT's class folders, predict the queries, write `out`, print a summary.
+    """Fit a model on SUPPORT's class folders, predict the queries, write `out`, print a summary;
+    `checkpoint` picks a run directory's meta_train checkpoint (default best).
 
     Returns:
         The summary (model, classes, accuracy or None, ...) with the per-query rows under "predictions".
@@ -187,7 +189,7 @@ def predict_folders(
         raise ValueError(f"--out {out_path}: use a .csv or a .json file name")
     support_set = read_support(support)
     query_set = read_queries(queries)
-    classifier = FewShotClassifier.load(model, data_root=data_root, device=device)
+    classifier = FewShotClassifier.load(model, data_root=data_root, device=device, checkpoint=checkpoint)
     classifier.fit(support_set.paths, support_set.labels)
     classes = [str(name) for name in classifier.classes_]
     probabilities = classifier.predict_proba(query_set.paths)
