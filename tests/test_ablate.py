@@ -138,11 +138,12 @@ def _fake_phases(monkeypatch) -> list[tuple[str, int]]:
     return calls
 
 
-def _pretrained_dir(tmp_path, stem: str):
+def _pretrained_dir(tmp_path, *stems: str):
     run = tmp_path / "pretrained"
     (run / "pretrain").mkdir(parents=True)
-    for suffix in (".json", ".safetensors"):
-        (run / "pretrain" / f"{stem}{suffix}").write_text(stem)
+    for stem in stems:
+        for suffix in (".json", ".safetensors"):
+            (run / "pretrain" / f"{stem}{suffix}").write_text(stem)
     return run
 
 
@@ -151,10 +152,13 @@ def test_ablation_starts_every_row_from_the_chosen_pretraining_checkpoint(tmp_pa
     from metatransfer.config import load_config
 
     _fake_phases(monkeypatch)
-    pretrained = _pretrained_dir(tmp_path, "epoch-4")
+    pretrained = _pretrained_dir(tmp_path, "epoch-4", "best")
     base = load_config("smoke", ["pretrain.save_epochs=4", "meta_train.init_checkpoint=epoch-4"])
     run_ablation(base, tmp_path / "out", shots=[1], seeds=[0], pretrained=pretrained, rows=["SS + HT"], log=lambda _: None)
-    assert (tmp_path / "out" / "ss--ht-1shot-seed0" / "pretrain" / "epoch-4.safetensors").read_text() == "epoch-4"
+    row = tmp_path / "out" / "ss--ht-1shot-seed0" / "pretrain"
+    assert (row / "epoch-4.safetensors").read_text() == "epoch-4" and (row / "best.json").read_text() == "best"
+    for stem in ("best.json", "best.safetensors"):
+        (pretrained / "pretrain" / stem).unlink()
     with pytest.raises(FileNotFoundError, match="no pretrain/best checkpoint"):
         run_ablation(load_config("smoke"), tmp_path / "out2", shots=[1], seeds=[0], pretrained=pretrained, log=lambda _: None)
 

@@ -159,5 +159,7 @@ def test_export_of_a_chosen_checkpoint(smoke_run, tmp_path, capsys):  # noqa: F8
     out = tmp_path / "bundle-last"
     assert main(["export", "--model", str(smoke_run), "--out", str(out), "--checkpoint", "last"]) == 0
     assert FewShotClassifier.from_export(out).info["checkpoint"] == "meta_train/last"
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "this bundle's (`meta_train/last`)" in card and "| meta_train/best |" in card  # the run's rows name their model
     with pytest.raises(ValueError, match="exported model, which holds one checkpoint"):
         FewShotClassifier.load(out, checkpoint="best")

@@ -88,11 +88,12 @@ def run_ablation(
                 config = _row_config(base, adapt, hard, shot, seed)
                 run_dir = out / f"{_slug(row)}-{shot}shot-seed{seed}"
                 run_dir.mkdir(parents=True, exist_ok=True)
-                for suffix in (".json", ".safetensors"):
-                    target = run_dir / "pretrain" / f"{start}{suffix}"
-                    if not target.exists():
-                        target.parent.mkdir(exist_ok=True)
-                        shutil.copy2(shared / "pretrain" / f"{start}{suffix}", target)
+                for stem in dict.fromkeys([start, "best"]):  # best too: meta-training looks for it to tell a finished pre-training
+                    for suffix in (".json", ".safetensors"):
+                        target, source = run_dir / "pretrain" / f"{stem}{suffix}", shared / "pretrain" / f"{stem}{suffix}"
+                        if source.exists() and not target.exists():
+                            target.parent.mkdir(exist_ok=True)
+                            shutil.copy2(source, target)
                 prepare_run_dir(run_dir, config)
                 log(f"ablation: {row}, {shot}-shot, seed {seed} -> {run_dir}")
                 if trained:

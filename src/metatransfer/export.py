@@ -130,8 +130,10 @@ def _model_card(bundle: dict[str, Any], run_dir: Path) -> str:
     ]
     results = _results(run_dir)
     if results:
-        lines += ["| split | way | shot | query | episodes | protocol | accuracy (95% CI) |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['split']} | {r['way']} | {r['shot']} | {r['query']} | {r['episodes']} | {r['protocol']} | "
+        # A run scores shots with their own checkpoints (meta_train.val_shots) or the last one too: name each row's.
+        lines += [f"Rows scored with another checkpoint than this bundle's (`{source['checkpoint']}`) say so in `model`.", "",
+                  "| split | way | shot | query | episodes | protocol | model | accuracy (95% CI) |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['split']} | {r['way']} | {r['shot']} | {r['query']} | {r['episodes']} | {r['protocol']} | {r.get('model', '')} | "
                   f"{r['accuracy']:.2f} +- {r['ci95']:.2f} |" for r in results]
     else:
         lines.append("No results.json in the run: run `mtl meta-test` for numbers.")

@@ -300,8 +300,10 @@ def test_each_validated_shot_keeps_its_own_checkpoint_and_meta_test_scores_that_
     results = meta_test.run(config, tmp_path, log=_quiet)
     assert [(r["shot"], r["model"], r["checkpoint"]) for r in results] == [(5, "meta_train/best-5shot", "best"), (1, "meta_train/best", "best")]
     assert all("gain" in r for r in results)
+    unlisted = load_config("smoke", [f"data.root={fc100_small[0]}", f"data.name={fc100_small[1]}", "meta_test.n_shot=5,1", "meta_test.n_query=5"])
+    assert {r["model"] for r in meta_test.run(unlisted, tmp_path, log=_quiet)} == {"meta_train/best"}  # a config without val_shots ignores the file
     last = meta_test.run(load_config("smoke", [f"data.root={fc100_small[0]}", f"data.name={fc100_small[1]}", "meta_test.n_shot=5,1", "meta_test.n_query=5",
-                                               "meta_test.checkpoint=last"]), tmp_path, log=_quiet)
+                                               "meta_train.val_shots=5", "meta_test.checkpoint=last"]), tmp_path, log=_quiet)
     assert {r["model"] for r in last} == {"meta_train/last"}
     with pytest.raises(ValueError, match="val_shots"):
         check_config(load_config("smoke", ["meta_train.val_shots=0"]))

@@ -234,10 +234,10 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
 
 def _checkpoint_per_shot(run_dir: Path, config: Config) -> dict[int, str]:
     """meta_test.checkpoint for every test shot, except that `best` means, for a shot validated on its
-    own (meta_train.val_shots), the checkpoint that validation picked: best-<K>shot."""
-    chosen = config.meta_test.checkpoint
-    return {shot: shot_best_stem(run_dir, shot).name if chosen == "best" and checkpoint_exists(shot_best_stem(run_dir, shot)) else chosen
-            for shot in config.meta_test.n_shot}
+    own (in meta_train.val_shots, other than n_shot), the checkpoint that validation picked: best-<K>shot."""
+    chosen, meta = config.meta_test.checkpoint, config.meta_train
+    own = {shot for shot in meta.val_shots if shot != meta.n_shot and checkpoint_exists(shot_best_stem(run_dir, shot))}
+    return {shot: shot_best_stem(run_dir, shot).name if chosen == "best" and shot in own else chosen for shot in config.meta_test.n_shot}
 
 
 def score_run(run_dir: Path, config: Config, split: ImageSplit, device: torch.device) -> tuple[list[dict[str, Any]], str]:
