@@ -290,9 +290,11 @@ def test_pre_training_holds_out_base_classes_that_meta_training_then_uses(fc100_
 
 def test_each_validated_shot_keeps_its_own_checkpoint_and_meta_test_scores_that_shot_with_it(smoke_run, fc100_small, tmp_path):
     config = _variant(smoke_run, tmp_path, fc100_small, ["meta_train.val_shots=5", "meta_test.n_shot=5,1", "meta_test.n_query=5", "meta_train.lr_ss=0.05"])
-    meta_train.run(config, tmp_path, log=_quiet)
+    lines: list[str] = []
+    meta_train.run(config, tmp_path, log=lines.append)
     val = [r for r in _records(tmp_path) if r["phase"] == "meta_train_val"]
     assert [r["step"] for r in val] == [0, 3, 6] and all({"accuracy", "accuracy_5shot", "ci95_5shot"} <= set(r) for r in val)
+    assert f"5-shot {max(r['accuracy_5shot'] for r in val):.2f}%" in lines[-1]  # the closing line names each shot's best
     for stem, key in (("best", "accuracy"), ("best-5shot", "accuracy_5shot")):
         kept = json.loads((tmp_path / "meta_train" / f"{stem}.json").read_text())
         first_max = next(r for r in val if r[key] == max(v[key] for v in val))  # a later tie does not replace the kept one

@@ -294,7 +294,8 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
             save_last(done)
     write_hard_classes()
     summary = {"best_val_accuracy": best_accuracy, "seconds": round(time.time() - started, 1), "iterations": meta.iterations}
-    log(f"meta-train done: best val {best_accuracy:.2f}% ({meta.n_way}-way {meta.n_shot}-shot), {summary['seconds']:.0f} s")
+    also = "".join(f", {shot}-shot {value:.2f}%" for shot, value in best_by_shot.items())
+    log(f"meta-train done: best val {best_accuracy:.2f}% ({meta.n_way}-way {meta.n_shot}-shot{also}), {summary['seconds']:.0f} s")
     metrics.close()
     barrier()  # the other ranks wait until rank 0 has written meta_train/best
     return summary
