@@ -163,3 +163,34 @@ def test_export_of_a_chosen_checkpoint(smoke_run, tmp_path, capsys):  # noqa: F8
     assert "this bundle's (`meta_train/last`)" in card and "| meta_train/best |" in card  # the run's rows name their model
     with pytest.raises(ValueError, match="exported model, which holds one checkpoint"):
         FewShotClassifier.load(out, checkpoint="best")
+
+
+def test_a_fine_tuned_nearest_prototype_model_predicts_the_same_from_its_bundle(smoke_run, fc100_folders, tmp_path):  # noqa: F811
+    """cifar-fs-cpu's base learner: all convs meta-trained (model.adapt=ft), cosine nearest prototype (steps=0)."""
+    support, query = fc100_folders
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(smoke_run / "pretrain", run / "pretrain")
+    data = read_run_config(smoke_run).data
+    assert main(["meta-train", "--preset", "smoke", "--out", str(run), f"data.root={data.root}", f"data.name={data.name}",
+                 "device=cpu", "model.adapt=ft", "meta_train.lr_ss=0.01", "base_learner.steps=0", "base_learner.fc_init=prototypes",
+                 "base_learner.prototype_normalise=true", "base_learner.logits=cosine", "base_learner.learn_temperature=true",
+                 "base_learner.learn_theta=false", "meta_train.val_every=3"]) == 0
+    checkpoint = "last"  # last differs from the pre-trained backbone whatever validation kept
+    tensors, meta = load_checkpoint(run / "meta_train" / checkpoint)
+    assert meta["adapt"] == "ft" and not any("scale" in key or "shift" in key for key in tensors)
+    pretrained = load_checkpoint(run / "pretrain" / "best")[0]
+    assert any(not tensors[k].equal(pretrained[k]) for k in pretrained if tensors[k].dim() == 4)  # the convs moved
+    bundle = export_run(run, tmp_path / "bundle", "safetensors", log=lambda _: None, checkpoint=checkpoint)
+
+    def predictions(model: Path, *extra: str) -> list[tuple[str, float]]:
+        out = tmp_path / f"{model.name}.json"
+        assert main(["predict", "--model", str(model), "--support", str(support), "--query", str(query),
+                     "--out", str(out), "--device", "cpu", *extra]) == 0
+        return [(row["predicted"], row["probability"]) for row in json.loads(out.read_text())["predictions"]]
+
+    expected, got = predictions(run, "--checkpoint", checkpoint), predictions(bundle)
+    assert [label for label, _ in got] == [label for label, _ in expected]
+    assert max(abs(p - q) for (_, p), (_, q) in zip(got, expected)) < 1e-4
+    learner = FewShotClassifier.from_export(bundle).learner
+    assert (learner.steps, learner.fc_init, learner.logits) == (0, "prototypes", "cosine")
