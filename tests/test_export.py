@@ -166,7 +166,7 @@ def test_export_of_a_chosen_checkpoint(smoke_run, tmp_path, capsys):  # noqa: F8
 
 
 def test_a_fine_tuned_nearest_prototype_model_predicts_the_same_from_its_bundle(smoke_run, fc100_folders, tmp_path):  # noqa: F811
-    """cifar-fs-cpu's base learner: all convs meta-trained (model.adapt=ft), cosine nearest prototype (steps=0)."""
+    """All convs meta-trained (model.adapt=ft) for Meta-Baseline's classifier: cosine nearest prototype (steps=0)."""
     support, query = fc100_folders
     run = tmp_path / "run"
     run.mkdir()
