@@ -103,18 +103,19 @@ def test_bundle_is_self_contained_and_documented(bundles, smoke_run, tmp_path): 
     assert FewShotClassifier.load(moved, device="cpu").info["format"] == "safetensors"
 
 
+def _predictions(model: Path, folders: tuple[Path, Path], out_dir: Path, *extra: str) -> list[tuple[str, float]]:
+    """(predicted label, probability) per query image from `mtl predict --model MODEL`."""
+    support, query = folders
+    out = out_dir / f"{model.name}.json"
+    assert main(["predict", "--model", str(model), "--support", str(support), "--query", str(query),
+                 "--out", str(out), "--device", "cpu", *extra]) == 0
+    return [(row["predicted"], row["probability"]) for row in json.loads(out.read_text())["predictions"]]
+
+
 def test_predict_from_a_bundle_equals_predict_from_the_run(bundles, smoke_run, fc100_folders, tmp_path):  # noqa: F811
-    support, query = fc100_folders
-
-    def predictions(model: Path) -> list[tuple[str, float]]:
-        out = tmp_path / f"{model.name}.json"
-        assert main(["predict", "--model", str(model), "--support", str(support), "--query", str(query),
-                     "--out", str(out), "--device", "cpu"]) == 0
-        return [(row["predicted"], row["probability"]) for row in json.loads(out.read_text())["predictions"]]
-
-    expected = predictions(smoke_run)
+    expected = _predictions(smoke_run, fc100_folders, tmp_path)
     for fmt, folder in bundles.items():
-        got = predictions(folder)
+        got = _predictions(folder, fc100_folders, tmp_path)
         assert [label for label, _ in got] == [label for label, _ in expected], fmt
         assert max(abs(p - q) for (_, p), (_, q) in zip(got, expected)) < 1e-4, fmt
 
@@ -167,7 +168,6 @@ def test_export_of_a_chosen_checkpoint(smoke_run, tmp_path, capsys):  # noqa: F8
 
 def test_a_fine_tuned_nearest_prototype_model_predicts_the_same_from_its_bundle(smoke_run, fc100_folders, tmp_path):  # noqa: F811
     """All convs meta-trained (model.adapt=ft) for Meta-Baseline's classifier: cosine nearest prototype (steps=0)."""
-    support, query = fc100_folders
     run = tmp_path / "run"
     run.mkdir()
     shutil.copytree(smoke_run / "pretrain", run / "pretrain")
@@ -182,14 +182,8 @@ def test_a_fine_tuned_nearest_prototype_model_predicts_the_same_from_its_bundle(
     pretrained = load_checkpoint(run / "pretrain" / "best")[0]
     assert any(not tensors[k].equal(pretrained[k]) for k in pretrained if tensors[k].dim() == 4)  # the convs moved
     bundle = export_run(run, tmp_path / "bundle", "safetensors", log=lambda _: None, checkpoint=checkpoint)
-
-    def predictions(model: Path, *extra: str) -> list[tuple[str, float]]:
-        out = tmp_path / f"{model.name}.json"
-        assert main(["predict", "--model", str(model), "--support", str(support), "--query", str(query),
-                     "--out", str(out), "--device", "cpu", *extra]) == 0
-        return [(row["predicted"], row["probability"]) for row in json.loads(out.read_text())["predictions"]]
-
-    expected, got = predictions(run, "--checkpoint", checkpoint), predictions(bundle)
+    expected = _predictions(run, fc100_folders, tmp_path, "--checkpoint", checkpoint)
+    got = _predictions(bundle, fc100_folders, tmp_path)
     assert [label for label, _ in got] == [label for label, _ in expected]
     assert max(abs(p - q) for (_, p), (_, q) in zip(got, expected)) < 1e-4
     learner = FewShotClassifier.from_export(bundle).learner
