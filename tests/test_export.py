@@ -7,11 +7,13 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from fixtures_run import fc100_folders, smoke_run  # noqa: F401  (fixtures)
 from metatransfer import FewShotClassifier
+from metatransfer.api import load_images
 from metatransfer.cli import main
 from metatransfer.export import export_run
 from metatransfer.loading import BUNDLE_FILE, _add_folded_biases
@@ -188,3 +190,29 @@ def test_a_fine_tuned_nearest_prototype_model_predicts_the_same_from_its_bundle(
     assert max(abs(p - q) for (_, p), (_, q) in zip(got, expected)) < 1e-4
     learner = FewShotClassifier.from_export(bundle).learner
     assert (learner.steps, learner.fc_init, learner.logits) == (0, "prototypes", "cosine")
+
+
+def test_a_test_time_flip_model_carries_it_into_its_bundle(smoke_run, fc100_folders, tmp_path):  # noqa: F811
+    """model.flip_average reaches `mtl predict`, the API and the bundle: mirrored queries get the same probabilities."""
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    text = (run / "config.yaml").read_text()
+    assert "flip_average: false" in text
+    (run / "config.yaml").write_text(text.replace("flip_average: false", "flip_average: true"))
+    bundle = export_run(run, tmp_path / "bundle", "safetensors", log=lambda _: None)
+    assert json.loads((bundle / BUNDLE_FILE).read_text())["flip_average"] is True
+    assert "mean of its own and its mirror image's" in (bundle / "MODEL_CARD.md").read_text()
+    expected = _predictions(run, fc100_folders, tmp_path)
+    got = _predictions(bundle, fc100_folders, tmp_path)
+    assert [label for label, _ in got] == [label for label, _ in expected]
+    assert max(abs(p - q) for (_, p), (_, q) in zip(got, expected)) < 1e-4
+    assert expected != _predictions(smoke_run, fc100_folders, tmp_path)  # the flip changed the probabilities
+
+    support, query = fc100_folders
+    support_images = sorted(support.glob("*/*.png"))
+    for source, flip_average in ((run, True), (bundle, True), (smoke_run, False)):
+        model = FewShotClassifier.load(source, device="cpu").fit(support_images, [path.parent.name for path in support_images])
+        queries = load_images(sorted(query.glob("*/*.png")), model.preprocessing)
+        mirrored = np.ascontiguousarray(queries[:, :, ::-1])
+        same = np.allclose(model.predict_proba(queries), model.predict_proba(mirrored), atol=1e-5)
+        assert same == flip_average, source

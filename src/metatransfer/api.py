@@ -36,7 +36,7 @@ from metatransfer.data._decode import RESAMPLE
 from metatransfer.data.augment import to_float
 from metatransfer.loading import BUNDLE_FILE, Preprocessing, load_bundle_parts, load_run_parts
 from metatransfer.models.head import BaseLearner
-from metatransfer.phases.features import batch_statistics
+from metatransfer.phases.features import batch_statistics, embed
 
 __all__ = ["ImageLike", "Preprocessing", "load_image", "load_images", "FewShotClassifier"]
 
@@ -136,6 +136,8 @@ class FewShotClassifier:
         device: where features and fine-tuning run ("auto", "cpu", "cuda", ...).
         bn_mode: "frozen" (running statistics) or "batch" (the support set and the query set each
             normalised by their own statistics, the transductive mode of the TF code).
+        flip_average: each image's feature is the mean of its own and its mirror image's (the run's
+            `model.flip_average`), as validation and meta-test scored the model.
         info: plain values describing the model (source, dataset, ...), for summaries.
     """
 
@@ -150,6 +152,7 @@ class FewShotClassifier:
         lr: float,
         device: str | torch.device = "cpu",
         bn_mode: str = "frozen",
+        flip_average: bool = False,
         info: dict[str, Any] | None = None,
         learner: BaseLearner | None = None,
         temperature: float = 10.0,
@@ -165,6 +168,7 @@ class FewShotClassifier:
         self.preprocessing = preprocessing
         self.learner = learner if learner is not None else BaseLearner(steps=int(steps), lr=float(lr))
         self.steps, self.lr, self.bn_mode, self.temperature = self.learner.steps, self.learner.lr, bn_mode, float(temperature)
+        self.flip_average = bool(flip_average)
         self.info = dict(info or {})
         self.classes_: list[Hashable] = []
         self._weight: torch.Tensor | None = None
@@ -231,11 +235,11 @@ class FewShotClassifier:
         if batch_mode:  # one set, one set of statistics: forward it whole
             with batch_statistics(self.backbone):
                 x = to_float(torch.from_numpy(np.ascontiguousarray(arrays)), prep.mean, prep.std, device=self.device)
-                return self.backbone(x).float()
+                return embed(self.backbone, x, self.flip_average)
         chunks = []
         for start in range(0, len(arrays), _BATCH):
             batch = torch.from_numpy(np.ascontiguousarray(arrays[start : start + _BATCH]))
-            chunks.append(self.backbone(to_float(batch, prep.mean, prep.std, device=self.device)).float().to(self.device))
+            chunks.append(embed(self.backbone, to_float(batch, prep.mean, prep.std, device=self.device), self.flip_average).to(self.device))
         return torch.cat(chunks)
 
     # --- the two steps -------------------------------------------------------------------------

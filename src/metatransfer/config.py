@@ -58,6 +58,9 @@ class ModelConfig:
     ss_shortcuts: bool = False  # also scale-shift the 1x1 shortcut convs (PyTorch port does)
     ss_bn_affine: bool = False  # also meta-learn BatchNorm's weight and bias with SS (the PyTorch port's setting)
     bn_mode: str = "frozen"  # frozen running statistics | batch (transductive, the TF code's way)
+    # Test-time flip: wherever an image is scored (validation, meta-test, predict, bundles), its
+    # feature is the mean of its own and its mirror image's; training steps see single images.
+    flip_average: bool = False
     # Transfer (`--init-from`): a run directory (its pretrain/best) or an `mtl export` safetensors
     # bundle whose backbone starts pre-training; "" = random init. See metatransfer/transfer.py.
     init_from: str = ""

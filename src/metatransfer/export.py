@@ -110,6 +110,8 @@ def _model_card(bundle: dict[str, Any], run_dir: Path) -> str:
         f"- file: `{bundle['backbone_file']}` ({bundle['format']}); input `images` float32 (batch, {prep['channels']}, "
         f"{prep['image_size']}, {prep['image_size']}) normalised as (pixel/255 - mean)/std; output (batch, {spec['out_features']})",
         f"- BatchNorm: {bundle['bn_mode']}",
+        "- test-time flip: each image's feature is the mean of its own and its mirror image's" if bundle["flip_average"] else
+        "- test-time flip: off (one forward per image)",
         "",
         "## Data",
         f"- trained on `{source['dataset']}`: {source.get('dataset_protocol') or 'see the run config'}",
@@ -197,6 +199,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str, *, data_root:
             "preprocessing": prep.to_dict(),
             "base_learner": parts["learner"].to_dict(),
             "bn_mode": parts["bn_mode"],
+            "flip_average": parts["flip_average"],
             "source": {key: info[key] for key in ("run_dir", "checkpoint", "dataset", "dataset_protocol", "adapt", "ss_mode", "ss_shortcuts")},
             "sha256": {name: sha256_file(tmp / name) for name in (FORMATS[fmt], HEAD_FILE)},
         }

@@ -151,7 +151,7 @@ def load_run_parts(run_dir: Path, *, data_root: str | Path | None = None, checkp
     return {
         "backbone": backbone, "head_weight": weight, "head_bias": bias, "preprocessing": preprocessing,
         "steps": config.base_learner.steps, "lr": config.base_learner.lr, "bn_mode": config.model.bn_mode, "info": info,
-        "learner": BaseLearner.from_config(config.base_learner), "temperature": temperature,
+        "flip_average": config.model.flip_average, "learner": BaseLearner.from_config(config.base_learner), "temperature": temperature,
     }
 
 
@@ -244,6 +244,7 @@ def load_bundle_parts(export_dir: Path) -> dict[str, Any]:
         "backbone": bundle_backbone(export_dir, bundle), "head_weight": head["head.weight"], "head_bias": head["head.bias"],
         "preprocessing": Preprocessing.from_dict({key: bundle["preprocessing"][key] for key in keys}),
         "steps": bundle["base_learner"]["steps"], "lr": bundle["base_learner"]["lr"], "bn_mode": bundle["bn_mode"], "info": info,
+        "flip_average": bundle.get("flip_average", False),  # older bundles: off, as their runs scored
         "learner": BaseLearner.from_config(bundle["base_learner"]),  # older bundles hold steps and lr only: the defaults
         "temperature": float(head["head.temperature"]) if "head.temperature" in head else 10.0,  # unused by linear logits
     }

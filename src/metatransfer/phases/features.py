@@ -24,7 +24,7 @@ from metatransfer.models.head import init_head_weight
 from metatransfer.data.cache import ImageSplit, load_split
 from metatransfer.run import autocast, load_checkpoint, resolve_device, seed_everything, tensors_under
 
-__all__ = ["load_run_split", "start_phase", "build_backbone", "backbone_meta", "pretrained_stem", "shot_best_stem", "load_pretrained_backbone", "held_out_classes", "class_subset", "untrained_theta", "extract_features", "batch_statistics", "forward_images"]
+__all__ = ["load_run_split", "start_phase", "build_backbone", "backbone_meta", "pretrained_stem", "shot_best_stem", "load_pretrained_backbone", "held_out_classes", "class_subset", "untrained_theta", "extract_features", "batch_statistics", "embed", "forward_images"]
 
 
 def load_run_split(config: Config, split: str) -> ImageSplit:
@@ -125,6 +125,14 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
             m.momentum = momentum
 
 
+def embed(backbone: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, flip_average: bool = False) -> torch.Tensor:
+    """Normalised (B, C, H, W) images -> (B, D) float32 features; with `flip_average`
+    (model.flip_average), the mean of each image's feature and its mirror image's, which makes the
+    feature blind to left-right orientation and steadier on few images."""
+    features = backbone(x).float()
+    return (features + backbone(x.flip(-1)).float()) / 2 if flip_average else features
+
+
 def forward_images(
     backbone: nn.Module,
     images: torch.Tensor,
@@ -135,14 +143,15 @@ def forward_images(
     amp: bool,
     channels_last: bool,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    flip_average: bool = False,
 ) -> torch.Tensor:
     """uint8 (..., H, W, C) images -> float32 (B, D) features, in the backbone's current mode;
-    `augment` maps the normalised (B, C, H, W) batch first (meta_train.augment)."""
+    `augment` maps the normalised (B, C, H, W) batch first (meta_train.augment); `flip_average`: `embed`."""
     x = to_float(images, mean, std, device=device, channels_last=channels_last)
     if augment is not None:
         x = augment(x)
     with autocast(device, amp):
-        return backbone(x).float()
+        return embed(backbone, x, flip_average)
 
 
 @torch.no_grad()
@@ -158,9 +167,10 @@ def extract_features(
     batch_size: int = 256,
     flip: bool = False,
     indices: np.ndarray | None = None,
+    flip_average: bool = False,
 ) -> torch.Tensor:
     """Features of a split's images (all, or the sorted `indices` only), (N, D) float32 on `device`,
-    with BN at its running statistics."""
+    with BN at its running statistics; `flip` mirrors every image, `flip_average`: `embed`."""
     was_training = backbone.training
     backbone.eval()
     chunks = []
@@ -170,6 +180,7 @@ def extract_features(
         batch = torch.from_numpy(np.array(images[part]))  # a writable copy of the memmap rows
         if flip:
             batch = batch.flip(-2)  # (B, H, W, C): W is axis -2
-        chunks.append(forward_images(backbone, batch, mean=mean, std=std, device=device, amp=amp, channels_last=channels_last))
+        chunks.append(forward_images(backbone, batch, mean=mean, std=std, device=device, amp=amp, channels_last=channels_last,
+                                     flip_average=flip_average))
     backbone.train(was_training)
     return torch.cat(chunks)

@@ -94,7 +94,8 @@ def _evaluate_per_episode(backbone, split: ImageSplit, tasks: TaskIndices, head_
                           temperature) -> np.ndarray:
     """Transductive BN: each episode's support and query sets are normalised by their own statistics."""
     accuracies = []
-    options = dict(mean=split.mean, std=split.std, device=device, amp=config.amp, channels_last=config.channels_last)
+    options = dict(mean=split.mean, std=split.std, device=device, amp=config.amp, channels_last=config.channels_last,
+                   flip_average=config.model.flip_average)
     with torch.no_grad(), batch_statistics(backbone):
         for t in progress_bar(range(tasks.n_tasks), desc="meta-test episodes", leave=False):
             one = TaskIndices(tasks.support[t : t + 1], tasks.query[t : t + 1], tasks.class_ids[t : t + 1], tasks.n_way, tasks.n_shot, tasks.n_query)
@@ -181,7 +182,8 @@ def evaluate_split(
     learner is `config.base_learner`'s, with `temperature` (default: its configured value)."""
     temperature = config.base_learner.temperature if temperature is None else temperature
     paper = protocol == "paper"
-    options = dict(mean=split.mean, std=split.std, device=device, amp=config.amp, channels_last=config.channels_last)
+    options = dict(mean=split.mean, std=split.std, device=device, amp=config.amp, channels_last=config.channels_last,
+                   flip_average=config.model.flip_average)
     frozen = config.model.bn_mode == "frozen"
     settings = []
     for n_way in ways:
@@ -194,7 +196,9 @@ def evaluate_split(
         settings = [(*setting[:3], tasks) for setting, tasks in zip(settings, reindexed)]
         plain = inference_copy(backbone)
         features = extract_features(plain, split.images, indices=used, **options)
-        flipped = extract_features(plain, split.images, indices=used, flip=True, **options) if paper else None
+        flipped = None
+        if paper:  # flip-averaged features are their mirror's already
+            flipped = features if config.model.flip_average else extract_features(plain, split.images, indices=used, flip=True, **options)
     results = []
     for n_way, n_shot, query, tasks in settings:
         if frozen:
