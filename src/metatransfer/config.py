@@ -86,6 +86,12 @@ class PretrainConfig:
     # drawn with a generator seeded by this number alone, so every phase and seed holds out the same.
     held_out_classes: int = 0
     save_epochs: list[int] = field(default_factory=list)  # also keep pretrain/epoch-N for these N (meta_train.init_checkpoint)
+    # Self-distillation (RFS's "born-again" step, Tian et al. 2020): a finished run on the same base
+    # classes whose pre-trained network (pretrain/last: backbone and classifier) teaches this one;
+    # loss = (1 - distill_weight) * CE + distill_weight * T^2 * KL(teacher || student), both at temperature T.
+    distill_from: str = ""  # its run directory; "" = plain cross-entropy
+    distill_weight: float = 0.5  # RFS: 0.5
+    distill_temperature: float = 4.0  # RFS: 4
     val_every: int = 1  # epochs between few-shot validations that pick the best checkpoint
     val_episodes: int = 600
     val_shot: int = 1  # 5-way val_shot episodes, a fresh FC fine-tuned on frozen features
@@ -338,6 +344,9 @@ def check_config(config: Config) -> None:
         raise ValueError("meta_train.classes=held_out needs pretrain.held_out_classes > 0 (the classes pre-training leaves out).")
     if config.pretrain.epochs == 0 and not config.model.init_from:
         raise ValueError("pretrain.epochs=0 keeps the initial backbone, which only makes sense with --init-from (model.init_from).")
+    if not 0.0 <= config.pretrain.distill_weight <= 1.0 or config.pretrain.distill_temperature <= 0:
+        raise ValueError(f"pretrain.distill_weight={config.pretrain.distill_weight} must lie in [0, 1] and "
+                         f"pretrain.distill_temperature={config.pretrain.distill_temperature} be positive.")
     if any(shot < 1 for shot in meta.val_shots):
         raise ValueError(f"meta_train.val_shots={meta.val_shots}: shots are positive integers (for example 5, or 1,5).")
     name = meta.init_checkpoint

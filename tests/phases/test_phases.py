@@ -12,13 +12,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
 from metatransfer.cli import main
 from metatransfer.config import check_config, load_config
 from metatransfer.data.cache import load_split
-from metatransfer.phases import meta_test, meta_train
+from metatransfer.phases import meta_test, meta_train, pretrain
 from metatransfer.run import prepare_run_dir
 
 pytestmark = pytest.mark.slow
@@ -198,7 +199,6 @@ def test_base_learner_options_meta_train_and_reach_meta_test_predict_and_export(
     """Prototype init, cosine logits with a learned temperature and a frozen theta: meta-train learns
     only what it should, and meta-test, the Python API and an export bundle score with the same learner."""
     import numpy as np
-    import torch
 
     from metatransfer.api import FewShotClassifier
     from metatransfer.export import export_run
@@ -246,7 +246,6 @@ def test_meta_training_options_augment_pull_to_identity_and_bn_affine(smoke_run,
 
 
 def test_meta_train_augment_is_seeded_by_iteration():
-    import torch
 
     from metatransfer.phases.meta_train import _augmentation
 
@@ -377,3 +376,34 @@ def test_paper_preset_runs_end_to_end(preset, data_fixture, request, tmp_path):
         (way, shot) for way in expected.meta_test.n_way for shot in expected.meta_test.n_shot
     )
     assert all(r["episodes"] == 5 and 0 <= r["accuracy"] <= 100 for r in results)
+
+
+def test_pre_training_distils_a_finished_run(smoke_run, fc100_small, tmp_path):
+    """pretrain.distill_from: weight 0 is plain cross-entropy bit for bit, weight 1 learns from the teacher alone."""
+    trained = {}
+    for weight in ("0", "1"):
+        out = tmp_path / f"weight-{weight}"
+        assert main(["pretrain", *_run_args(fc100_small, out, f"pretrain.distill_from={smoke_run}", f"pretrain.distill_weight={weight}")]) == 0
+        trained[weight] = load_file(str(out / "pretrain" / "last.safetensors"))["backbone.features.0.0.weight"]
+    plain = load_file(str(smoke_run / "pretrain" / "last.safetensors"))["backbone.features.0.0.weight"]
+    assert trained["0"].equal(plain) and not trained["1"].equal(plain)
+
+    other_classes = tmp_path / "held-out"
+    assert main(["pretrain", *_run_args(fc100_small, other_classes, "pretrain.held_out_classes=12")]) == 0
+    config = load_config("smoke", [f"data.root={fc100_small[0]}", f"data.name={fc100_small[1]}", f"pretrain.distill_from={other_classes}"])
+    with pytest.raises(ValueError, match="learned 48 classes.*same base classes"):
+        pretrain.run(config, tmp_path / "student", log=_quiet)
+    (other_classes / "pretrain" / "last.json").unlink()
+    (other_classes / "pretrain" / "last.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="has not finished"):
+        pretrain.run(config, tmp_path / "student2", log=_quiet)
+    with pytest.raises(ValueError, match="distill_weight=1.5"):
+        check_config(load_config("smoke", ["pretrain.distill_weight=1.5"]))
+
+
+def test_distillation_loss_is_the_tempered_kl_divergence():
+    student, teacher = torch.randn(4, 6, generator=torch.Generator().manual_seed(0)), torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    p_teacher = torch.softmax(teacher / 4, dim=1)
+    expected = 16 * (p_teacher * (torch.log(p_teacher) - torch.log_softmax(student / 4, dim=1))).sum(dim=1).mean()
+    torch.testing.assert_close(pretrain.distillation_loss(student, teacher, 4.0), expected)
+    assert pretrain.distillation_loss(teacher, teacher, 4.0).abs() < 1e-6

@@ -1,4 +1,5 @@
-"""Phase 1, pre-train: a backbone learns all base classes with plain cross-entropy.
+"""Phase 1, pre-train: a backbone learns all base classes with plain cross-entropy (optionally also
+matching a finished run's softened predictions: RFS's self-distillation, `pretrain.distill_from`).
 
 The classifier head is dropped afterwards; the checkpoint kept (`pretrain/best`) is the epoch whose
 features give the best few-shot accuracy on validation episodes (a fresh FC fine-tuned on frozen
@@ -28,11 +29,11 @@ from metatransfer.phases.meta_test import evaluate_split
 from metatransfer.progress import progress_bar
 from metatransfer.run import (
     MetricsLog, autocast, checkpoint_exists, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
-    save_checkpoint, tensors_under, write_json,
+    read_run_config, save_checkpoint, tensors_under, write_json,
 )
 from metatransfer.transfer import load_init_backbone
 
-__all__ = ["learning_rate", "run"]
+__all__ = ["learning_rate", "load_teacher", "distillation_loss", "run"]
 
 
 def learning_rate(config: Config, epoch: int, step: int, steps_per_epoch: int) -> float:
@@ -42,6 +43,39 @@ def learning_rate(config: Config, epoch: int, step: int, steps_per_epoch: int) -
         return pre.lr * pre.lr_gamma ** (epoch // pre.lr_step)
     progress = (epoch * steps_per_epoch + step) / max(1, pre.epochs * steps_per_epoch)
     return 0.5 * pre.lr * (1 + math.cos(math.pi * progress))
+
+
+def load_teacher(config: Config, in_chans: int, num_classes: int, device: torch.device) -> nn.Module:
+    """The network of `pretrain.distill_from` (its pretrain/last: backbone, then classifier), in eval mode.
+
+    Raises:
+        FileNotFoundError: not a run directory, or its pre-training has not finished.
+        ValueError: its classifier covers other classes than this run pre-trains on.
+    """
+    teacher_dir = Path(config.pretrain.distill_from)
+    teacher_config = read_run_config(teacher_dir)
+    stem = teacher_dir / "pretrain" / "last"
+    if not checkpoint_exists(stem) or not load_checkpoint(stem)[1].get("complete"):
+        raise FileNotFoundError(f"pretrain.distill_from={teacher_dir}: its pre-training has not finished (no complete pretrain/last); "
+                                f"finish it with `mtl pretrain --resume {teacher_dir}`, or choose another teacher.")
+    tensors, meta = load_checkpoint(stem)
+    if meta["dataset"] != config.data.name or meta["num_classes"] != num_classes:
+        raise ValueError(f"pretrain.distill_from={teacher_dir} learned {meta['num_classes']} classes of {meta['dataset']!r}; this run "
+                         f"pre-trains on {num_classes} classes of {config.data.name!r}. The teacher must know the same base classes.")
+    backbone = build_backbone(teacher_config, in_chans)
+    backbone.load_state_dict(tensors_under(tensors, "backbone"))
+    head = nn.Linear(backbone.out_features, num_classes)
+    head.load_state_dict(tensors_under(tensors, "head"))
+    teacher = nn.Sequential(backbone, head).to(device).eval()
+    if config.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    return teacher.requires_grad_(False)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(teacher || student), both softened at temperature T (Hinton et al. 2015), per image."""
+    return F.kl_div(F.log_softmax(student_logits / temperature, dim=1), F.log_softmax(teacher_logits / temperature, dim=1),
+                    log_target=True, reduction="batchmean") * temperature**2
 
 
 def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
@@ -58,6 +92,9 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     head = nn.Linear(backbone.out_features, train.num_classes).to(device)
     if config.channels_last:
         backbone.to(memory_format=torch.channels_last)
+    teacher = load_teacher(config, in_chans, train.num_classes, device) if pre.distill_from else None
+    if teacher is not None:
+        log(f"pre-train distils {pre.distill_from} (weight {pre.distill_weight}, temperature {pre.distill_temperature})")
     parameters = list(backbone.parameters()) + list(head.parameters())
     optimizer = torch.optim.SGD(parameters, lr=pre.lr, momentum=pre.momentum, nesterov=pre.nesterov, weight_decay=pre.weight_decay)
     steps_per_epoch = len(train.labels) // pre.batch_size  # drop the ragged last batch: BN dislikes tiny ones
@@ -156,6 +193,10 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
             with autocast(device, config.amp):
                 logits = head(backbone(x)).float()
             loss = F.cross_entropy(logits, y, label_smoothing=pre.label_smoothing)
+            if teacher is not None:
+                with torch.no_grad(), autocast(device, config.amp):
+                    teacher_logits = teacher(x).float()
+                loss = (1 - pre.distill_weight) * loss + pre.distill_weight * distillation_loss(logits, teacher_logits, pre.distill_temperature)
             batch_loss, batch_correct, batch_seen = all_reduce_sum(
                 torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float(), torch.tensor(float(len(y)), device=device)])
             ).tolist()
