@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 
 def read_run(run_dir: Path) -> dict:
@@ -31,6 +32,9 @@ def read_run(run_dir: Path) -> dict:
     best = max(val, key=lambda r: (r["accuracy"], -r["step"]))  # ties go to the earlier iteration, as the run keeps it
     start_time = next(r["time"] for r in records if r["phase"] in ("pretrain", "meta_train_val"))
     results = json.loads((run_dir / "results.json").read_text())
+    config_path = run_dir / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+    flip_average = config.get("model", {}).get("flip_average", False)
     extra_shots = sorted({int(m.group(1)) for r in val for key in r if (m := re.fullmatch(r"accuracy_(\d+)shot", key))})
     val_by_shot = {}  # meta_train.val_shots: each further shot's start, best and the iteration its checkpoint kept
     for shot in extra_shots:
@@ -46,7 +50,8 @@ def read_run(run_dir: Path) -> dict:
         "best_step": best["step"],
         "seconds": val[-1]["time"] - start_time,
         "val_by_shot": val_by_shot,
-        "test": {r["shot"]: r for r in results if r.get("checkpoint", "best") == "best" and r["protocol"] == "standard"},
+        "test": {r["shot"]: r for r in results if r.get("checkpoint", "best") == "best" and r["protocol"] == "standard"
+                 and r.get("flip_average", False) == flip_average},  # as the run scores itself, not a later rescoring
     }
 
 

@@ -52,3 +52,13 @@ def test_further_validated_shots_get_their_own_start_and_best_columns(tmp_path: 
     assert run["val_by_shot"] == {5: {"start": 50.0, "best": 50.0, "step": 0}}  # the tie keeps iteration 0, as the run does
     rows = study_table.table([run])
     assert rows[0][3:5] == ["val 5-shot start", "val 5-shot best (it)"] and rows[1][3:5] == ["50.00", "50.00 (0)"]
+
+
+def test_a_later_rescoring_with_the_test_time_flip_does_not_replace_the_runs_own_scores(tmp_path: Path) -> None:
+    run_dir = _fake_run(tmp_path / "cosine", [35.0, 36.0], gain=0.5)
+    results = json.loads((run_dir / "results.json").read_text())
+    rescored = [{**r, "accuracy": 99.0, "gain": 9.0, "flip_average": True} for r in results]  # `mtl meta-test --resume RUN model.flip_average=true`
+    (run_dir / "results.json").write_text(json.dumps(results + rescored))
+    assert {shot: r["gain"] for shot, r in study_table.read_run(run_dir)["test"].items()} == {1: 0.5, 5: 0.5}
+    (run_dir / "config.yaml").write_text("model:\n  flip_average: true\n")  # a run that scores itself with the flip
+    assert {shot: r["gain"] for shot, r in study_table.read_run(run_dir)["test"].items()} == {1: 9.0, 5: 9.0}

@@ -181,6 +181,8 @@ def test_absurd_learning_rates_are_refused(override):
     (["model.adapt=ft", "model.ss_bn_affine=true"], "with model.adapt=ft there is none"),
     (["model.adapt=ft", "meta_train.ss_l2=0.1"], "with model.adapt=ft there is none"),
     (["base_learner.learn_temperature=true"], "scales cosine logits only"),
+    (["pretrain.distill_weight=1.5"], r"distill_weight=1.5 must lie in \[0, 1\]"),
+    (["pretrain.distill_temperature=0"], "distill_temperature=0.0 .*be positive"),
 ])
 def test_settings_that_do_not_work_together_are_refused_before_a_run(overrides, message):
     from metatransfer.config import check_config

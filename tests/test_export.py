@@ -148,6 +148,19 @@ def test_damaged_bundle_is_reported(bundles, tmp_path):
         FewShotClassifier.from_export(damaged)
 
 
+def test_a_bundle_of_format_1_loads_without_the_flip_and_an_unknown_format_is_refused(bundles, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(bundles["safetensors"], old)
+    bundle = json.loads((old / BUNDLE_FILE).read_text())
+    assert bundle["format_version"] == 2 and bundle["flip_average"] is False
+    del bundle["flip_average"]
+    (old / BUNDLE_FILE).write_text(json.dumps({**bundle, "format_version": 1}))
+    assert FewShotClassifier.from_export(old).flip_average is False
+    (old / BUNDLE_FILE).write_text(json.dumps({**bundle, "format_version": 3}))
+    with pytest.raises(ValueError, match="format_version 3.*export the model again, or update metatransfer"):
+        FewShotClassifier.from_export(old)
+
+
 def test_batch_norm_in_batch_mode_only_exports_as_safetensors(smoke_run, tmp_path):  # noqa: F811
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run)
@@ -201,6 +214,7 @@ def test_a_test_time_flip_model_carries_it_into_its_bundle(smoke_run, fc100_fold
     (run / "config.yaml").write_text(text.replace("flip_average: false", "flip_average: true"))
     bundle = export_run(run, tmp_path / "bundle", "safetensors", log=lambda _: None)
     assert json.loads((bundle / BUNDLE_FILE).read_text())["flip_average"] is True
+    assert "flip_average=True" in repr(FewShotClassifier.from_export(bundle))
     assert "mean of its own and its mirror image's" in (bundle / "MODEL_CARD.md").read_text()
     expected = _predictions(run, fc100_folders, tmp_path)
     got = _predictions(bundle, fc100_folders, tmp_path)

@@ -291,4 +291,5 @@ class FewShotClassifier:
 
     def __repr__(self) -> str:
         source = self.info.get("source", "?")
-        return f"FewShotClassifier(source={source!r}, classes={self.classes_!r}, steps={self.steps}, lr={self.lr})"
+        return (f"FewShotClassifier(source={source!r}, classes={self.classes_!r}, steps={self.steps}, lr={self.lr}, "
+                f"flip_average={self.flip_average})")

@@ -108,16 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_for(args: argparse.Namespace):
     from metatransfer.config import apply_overrides, check_config, load_config
     from metatransfer.run import read_run_config
+    from metatransfer.phases.pretrain import resolve_teacher
     from metatransfer.transfer import resolve_init
 
     if getattr(args, "dataset", None) and not getattr(args, "resume", None):
         raise ValueError("--dataset scores a trained run on another dataset: give the run with --resume RUN.")
     if getattr(args, "resume", None):
-        # Scoring a finished run another way (more ways, the last checkpoint, ...) leaves its model alone.
-        rescoring = args.command == "meta-test" and all(text.startswith("meta_test.") for text in args.overrides)
+        # Scoring a finished run another way (more ways, the last checkpoint, the test-time flip, ...) leaves its model alone.
+        rescoring = args.command == "meta-test" and all(text.startswith(("meta_test.", "model.flip_average=")) for text in args.overrides)
         if args.preset or getattr(args, "init_from", None) or (args.overrides and not rescoring):
             raise ValueError("--resume continues a run as it was configured; leave out --preset, --init-from and overrides "
-                             "(only `mtl meta-test --resume RUN` takes meta_test.* overrides).")
+                             "(only `mtl meta-test --resume RUN` takes meta_test.* and model.flip_average overrides).")
         config = apply_overrides(read_run_config(args.out), args.overrides)
         if getattr(args, "split", None):
             config = apply_overrides(config, [f"meta_test.split={args.split}"])
@@ -131,7 +132,7 @@ def _config_for(args: argparse.Namespace):
         overrides.append(f"model.init_from={args.init_from}")
     config = load_config(args.preset, overrides)
     check_config(config)
-    return resolve_init(config)
+    return resolve_teacher(resolve_init(config))
 
 
 def _resolve_out(args: argparse.Namespace) -> None:

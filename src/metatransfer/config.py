@@ -90,6 +90,7 @@ class PretrainConfig:
     # classes whose pre-trained network (pretrain/last: backbone and classifier) teaches this one;
     # loss = (1 - distill_weight) * CE + distill_weight * T^2 * KL(teacher || student), both at temperature T.
     distill_from: str = ""  # its run directory; "" = plain cross-entropy
+    distill_sha256: str = ""  # the teacher's pretrain/last checksum, recorded when the run starts
     distill_weight: float = 0.5  # RFS: 0.5
     distill_temperature: float = 4.0  # RFS: 4
     val_every: int = 1  # epochs between few-shot validations that pick the best checkpoint

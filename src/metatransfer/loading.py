@@ -47,7 +47,8 @@ __all__ = [
 ]
 
 BUNDLE_FILE = "bundle.json"
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2  # 2 added flip_average (the test-time flip), which a reader of 1 would silently drop
+_READABLE_FORMATS = (1, 2)  # a format-1 bundle has no test-time flip
 FORMATS = {"safetensors": "backbone.safetensors", "onnx": "backbone.onnx", "torchscript": "backbone.pt"}
 HEAD_FILE = "head.safetensors"
 
@@ -199,8 +200,9 @@ def read_bundle(export_dir: Path) -> dict[str, Any]:
         bundle = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error}); export the model again") from None
-    if bundle.get("format_version") != BUNDLE_FORMAT:
-        raise ValueError(f"{path} has format_version {bundle.get('format_version')!r}; this metatransfer reads {BUNDLE_FORMAT}")
+    if bundle.get("format_version") not in _READABLE_FORMATS:
+        raise ValueError(f"{path} has format_version {bundle.get('format_version')!r}; this metatransfer reads "
+                         f"{', '.join(map(str, _READABLE_FORMATS))}: export the model again, or update metatransfer")
     for name, digest in bundle["sha256"].items():
         file = export_dir / name
         if not file.is_file():

@@ -200,7 +200,7 @@ def predict_folders(
         "model": classifier.info.get("source", str(model)),
         "support": str(support), "classes": classes, "support_images_per_class": [counts[name] for name in classes],
         "queries": len(rows), "top_k": min(top_k, len(classes)), "accuracy": accuracy,
-        "base_learner": {"steps": classifier.steps, "lr": classifier.lr},
+        "base_learner": {"steps": classifier.steps, "lr": classifier.lr}, "flip_average": classifier.flip_average,
     }
     if out_path is not None:
         write_predictions(out_path, rows, summary)

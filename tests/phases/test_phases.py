@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -18,6 +20,7 @@ from safetensors.torch import load_file
 
 from metatransfer.cli import main
 from metatransfer.config import check_config, load_config
+from metatransfer.data.augment import to_float
 from metatransfer.data.cache import load_split
 from metatransfer.phases import meta_test, meta_train, pretrain
 from metatransfer.run import prepare_run_dir
@@ -143,6 +146,21 @@ def test_meta_test_resume_rescores_with_the_last_checkpoint_beside_the_best(smok
     assert (run_dir / "meta_test" / "episodes-5way-1shot-standard-last.json").is_file()
     assert (run_dir / "config.yaml").read_text() == config_before  # the run's own config stays as trained
     assert main(["meta-test", "--resume", str(run_dir), "model.backbone=conv4"]) == 2  # not a meta_test.* key
+
+
+def test_meta_test_resume_rescores_with_the_test_time_flip_beside_the_plain_scores(smoke_run, tmp_path):
+    run_dir = tmp_path / "rescored"
+    shutil.copytree(smoke_run, run_dir)
+    plain = json.loads((run_dir / "results.json").read_text())
+    config_before = (run_dir / "config.yaml").read_text()
+    assert main(["meta-test", "--resume", str(run_dir), "model.flip_average=true"]) == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [r for r in results if not r["flip_average"]] == plain  # kept, not replaced
+    flipped = [r for r in results if r["flip_average"]]
+    assert [r["shot"] for r in flipped] == [r["shot"] for r in plain] and all("gain" in r for r in flipped)
+    episodes = json.loads((run_dir / "meta_test" / "episodes-5way-1shot-standard-flip.json").read_text())
+    assert len(episodes["per_episode_accuracy"]) == len(episodes["start_per_episode_accuracy"]) == flipped[0]["episodes"]
+    assert (run_dir / "config.yaml").read_text() == config_before
 
 
 def test_run_again_on_a_complete_run_resumes_and_trains_nothing(smoke_run, fc100_small, capsys):
@@ -378,27 +396,59 @@ def test_paper_preset_runs_end_to_end(preset, data_fixture, request, tmp_path):
     assert all(r["episodes"] == 5 and 0 <= r["accuracy"] <= 100 for r in results)
 
 
-def test_pre_training_distils_a_finished_run(smoke_run, fc100_small, tmp_path):
-    """pretrain.distill_from: weight 0 is plain cross-entropy bit for bit, weight 1 learns from the teacher alone."""
-    trained = {}
-    for weight in ("0", "1"):
-        out = tmp_path / f"weight-{weight}"
-        assert main(["pretrain", *_run_args(fc100_small, out, f"pretrain.distill_from={smoke_run}", f"pretrain.distill_weight={weight}")]) == 0
-        trained[weight] = load_file(str(out / "pretrain" / "last.safetensors"))["backbone.features.0.0.weight"]
-    plain = load_file(str(smoke_run / "pretrain" / "last.safetensors"))["backbone.features.0.0.weight"]
-    assert trained["0"].equal(plain) and not trained["1"].equal(plain)
+def test_pre_training_distils_a_finished_run(smoke_run, fc100_small, tmp_path, capsys):
+    """pretrain.distill_from: weight 0 is plain cross-entropy bit for bit (dropout on, so the teacher must not
+    draw from the random stream); weight 1 ends nearer the teacher's predictions than weight 0 does."""
+    student = ["seed=1", "model.drop_rate=0.1"]
+    teach = [f"pretrain.distill_from={smoke_run}"]
+    runs = {"plain": student, "0": [*student, *teach, "pretrain.distill_weight=0"], "1": [*student, *teach, "pretrain.distill_weight=1"]}
+    for name, overrides in runs.items():
+        assert main(["pretrain", *_run_args(fc100_small, tmp_path / name, *overrides)]) == 0
+    first_conv = {name: load_file(str(tmp_path / name / "pretrain" / "last.safetensors"))["backbone.features.0.0.weight"] for name in runs}
+    assert first_conv["0"].equal(first_conv["plain"]) and not first_conv["1"].equal(first_conv["plain"])
+    saved = yaml.safe_load((tmp_path / "1" / "config.yaml").read_text())["pretrain"]
+    assert saved["distill_from"] == str(smoke_run.resolve()) and len(saved["distill_sha256"]) == 64  # pinned when the run starts
 
+    config = load_config("smoke", [f"data.root={fc100_small[0]}", f"data.name={fc100_small[1]}"])
+    train = load_split(*fc100_small, "train")
+    images = torch.from_numpy(np.array(train.images[::4]))
+    x = to_float(images, train.mean, train.std, device=torch.device("cpu"))
+
+    def logits_of(run_dir: Path) -> torch.Tensor:
+        network = pretrain.load_teacher(pretrain.resolve_teacher(replace(config, pretrain=replace(config.pretrain, distill_from=str(run_dir)))),
+                                        3, train.num_classes, torch.device("cpu"))
+        with torch.no_grad():
+            return network(x)
+
+    teacher = logits_of(smoke_run)
+    distance = {name: float(pretrain.distillation_loss(logits_of(tmp_path / name), teacher, 4.0)) for name in ("0", "1")}
+    assert distance["1"] < distance["0"]
+
+
+def test_a_teacher_must_have_finished_pre_training_on_the_same_classes(smoke_run, fc100_small, tmp_path, capsys):
     other_classes = tmp_path / "held-out"
     assert main(["pretrain", *_run_args(fc100_small, other_classes, "pretrain.held_out_classes=12")]) == 0
-    config = load_config("smoke", [f"data.root={fc100_small[0]}", f"data.name={fc100_small[1]}", f"pretrain.distill_from={other_classes}"])
+    with_teacher = lambda teacher: load_config("smoke", [f"data.root={fc100_small[0]}", f"data.name={fc100_small[1]}",  # noqa: E731
+                                                         f"pretrain.distill_from={teacher}"])
     with pytest.raises(ValueError, match="learned 48 classes.*same base classes"):
-        pretrain.run(config, tmp_path / "student", log=_quiet)
-    (other_classes / "pretrain" / "last.json").unlink()
-    (other_classes / "pretrain" / "last.safetensors").unlink()
+        pretrain.run(pretrain.resolve_teacher(with_teacher(other_classes)), tmp_path / "student", log=_quiet)
+    pinned = pretrain.resolve_teacher(with_teacher(smoke_run))
+    copied = tmp_path / "copied-teacher"
+    shutil.copytree(smoke_run, copied)
+    changed = replace(pinned, pretrain=replace(pinned.pretrain, distill_from=str(copied), distill_sha256="0" * 64))
+    with pytest.raises(ValueError, match="changed since this run started"):
+        pretrain.load_teacher(changed, 3, 60, torch.device("cpu"))
+    for stem in ("last.json", "last.safetensors"):
+        (other_classes / "pretrain" / stem).unlink()
     with pytest.raises(FileNotFoundError, match="has not finished"):
-        pretrain.run(config, tmp_path / "student2", log=_quiet)
-    with pytest.raises(ValueError, match="distill_weight=1.5"):
-        check_config(load_config("smoke", ["pretrain.distill_weight=1.5"]))
+        pretrain.resolve_teacher(with_teacher(other_classes))
+    transferred = tmp_path / "transferred"  # pre-trained for 0 epochs: its classifier never learned
+    assert main(["pretrain", *_run_args(fc100_small, transferred, "pretrain.epochs=0", f"model.init_from={smoke_run}")]) == 0
+    with pytest.raises(ValueError, match="0 epochs"):
+        pretrain.resolve_teacher(with_teacher(transferred))
+    student = tmp_path / "never-written"
+    assert main(["pretrain", *_run_args(fc100_small, student, f"pretrain.distill_from={tmp_path / 'nowhere'}")]) == 2
+    assert "is not a run directory" in capsys.readouterr().err and not student.exists()  # refused before anything is written
 
 
 def test_distillation_loss_is_the_tempered_kl_divergence():

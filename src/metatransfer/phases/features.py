@@ -128,9 +128,12 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
 def embed(backbone: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, flip_average: bool = False) -> torch.Tensor:
     """Normalised (B, C, H, W) images -> (B, D) float32 features; with `flip_average`
     (model.flip_average), the mean of each image's feature and its mirror image's, which makes the
-    feature blind to left-right orientation and steadier on few images."""
-    features = backbone(x).float()
-    return (features + backbone(x.flip(-1)).float()) / 2 if flip_average else features
+    feature blind to left-right orientation and steadier on few images. The images and their
+    mirrors go through in one batch, so with batch-statistics BN they share one set of statistics."""
+    if not flip_average:
+        return backbone(x).float()
+    features = backbone(torch.cat([x, x.flip(-1)])).float()
+    return (features[: len(x)] + features[len(x) :]) / 2
 
 
 def forward_images(

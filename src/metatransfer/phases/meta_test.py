@@ -96,6 +96,8 @@ def _evaluate_per_episode(backbone, split: ImageSplit, tasks: TaskIndices, head_
     accuracies = []
     options = dict(mean=split.mean, std=split.std, device=device, amp=config.amp, channels_last=config.channels_last,
                    flip_average=config.model.flip_average)
+    was_training = backbone.training
+    backbone.eval()  # no dropout; batch_statistics puts only BN on batch statistics
     with torch.no_grad(), batch_statistics(backbone):
         for t in progress_bar(range(tasks.n_tasks), desc="meta-test episodes", leave=False):
             one = TaskIndices(tasks.support[t : t + 1], tasks.query[t : t + 1], tasks.class_ids[t : t + 1], tasks.n_way, tasks.n_shot, tasks.n_query)
@@ -111,6 +113,7 @@ def _evaluate_per_episode(backbone, split: ImageSplit, tasks: TaskIndices, head_
             weight, bias = learner.adapt(support, support_labels, head_weight.to(device), head_bias.to(device), tasks.n_way, temperature=temperature)
             predictions = learner.logits_of(query, weight, bias, temperature).argmax(-1)
             accuracies.append((predictions == episode.query_labels.to(device)).float().mean().item())
+    backbone.train(was_training)
     return np.asarray(accuracies)
 
 
@@ -210,7 +213,8 @@ def evaluate_split(
         results.append({
             "dataset": split.dataset, "split": split.split, "way": n_way, "shot": n_shot, "query": query,
             "episodes": episodes, "accuracy": round(accuracy, 3), "ci95": round(ci95, 3), "protocol": protocol,
-            "bn_mode": config.model.bn_mode, "seed": seed, "per_episode": accuracies.round(4).tolist(),
+            "bn_mode": config.model.bn_mode, "flip_average": config.model.flip_average, "seed": seed,
+            "per_episode": accuracies.round(4).tolist(),
         })
     return results
 
@@ -274,14 +278,16 @@ def write_results(results: list[dict[str, Any]], results_path: Path, episodes_di
     """Per-episode accuracies to `episodes_dir`; the summaries into `results_path`, where a new
     result replaces the old one of the same setting and the others are kept."""
     for result in results:
-        name = f"{result['way']}way-{result['shot']}shot-{result['protocol']}" + ("-last" if result["checkpoint"] == "last" else "")
+        name = (f"{result['way']}way-{result['shot']}shot-{result['protocol']}" + ("-last" if result["checkpoint"] == "last" else "")
+                + ("-flip" if result["flip_average"] else ""))
         episodes = {"per_episode_accuracy": result.pop("per_episode")}
         if "start_per_episode" in result:
             episodes["start_per_episode_accuracy"] = result.pop("start_per_episode")
         write_json(episodes_dir / f"episodes-{name}.json", episodes)
 
     def key(result: dict[str, Any]) -> tuple:
-        return result["split"], result["way"], result["shot"], result["protocol"], result.get("checkpoint", "best")
+        return (result["split"], result["way"], result["shot"], result["protocol"], result.get("checkpoint", "best"),
+                result.get("flip_average", False))
 
     previous = []
     if results_path.is_file():

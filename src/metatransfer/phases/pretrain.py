@@ -11,6 +11,8 @@ global batch, trains on its equal slice and averages gradients; BatchNorm statis
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -33,7 +35,7 @@ from metatransfer.run import (
 )
 from metatransfer.transfer import load_init_backbone
 
-__all__ = ["learning_rate", "load_teacher", "distillation_loss", "run"]
+__all__ = ["learning_rate", "resolve_teacher", "load_teacher", "distillation_loss", "run"]
 
 
 def learning_rate(config: Config, epoch: int, step: int, steps_per_epoch: int) -> float:
@@ -45,26 +47,60 @@ def learning_rate(config: Config, epoch: int, step: int, steps_per_epoch: int) -
     return 0.5 * pre.lr * (1 + math.cos(math.pi * progress))
 
 
-def load_teacher(config: Config, in_chans: int, num_classes: int, device: torch.device) -> nn.Module:
-    """The network of `pretrain.distill_from` (its pretrain/last: backbone, then classifier), in eval mode.
+def _teacher_meta(config: Config, teacher_dir: Path) -> dict[str, Any]:
+    """The checked plain values of the teacher's pretrain/last.
 
     Raises:
         FileNotFoundError: not a run directory, or its pre-training has not finished.
-        ValueError: its classifier covers other classes than this run pre-trains on.
+        ValueError: a teacher that never trained, saw other data or inputs, or changed since this run started.
     """
-    teacher_dir = Path(config.pretrain.distill_from)
     teacher_config = read_run_config(teacher_dir)
     stem = teacher_dir / "pretrain" / "last"
-    if not checkpoint_exists(stem) or not load_checkpoint(stem)[1].get("complete"):
-        raise FileNotFoundError(f"pretrain.distill_from={teacher_dir}: its pre-training has not finished (no complete pretrain/last); "
+    meta = json.loads(stem.with_suffix(".json").read_text()) if checkpoint_exists(stem) else {}
+    where = f"pretrain.distill_from={teacher_dir}"
+    if not meta.get("complete"):
+        raise FileNotFoundError(f"{where}: its pre-training has not finished (no complete pretrain/last); "
                                 f"finish it with `mtl pretrain --resume {teacher_dir}`, or choose another teacher.")
-    tensors, meta = load_checkpoint(stem)
-    if meta["dataset"] != config.data.name or meta["num_classes"] != num_classes:
-        raise ValueError(f"pretrain.distill_from={teacher_dir} learned {meta['num_classes']} classes of {meta['dataset']!r}; this run "
-                         f"pre-trains on {num_classes} classes of {config.data.name!r}. The teacher must know the same base classes.")
-    backbone = build_backbone(teacher_config, in_chans)
+    if not meta.get("epoch"):
+        raise ValueError(f"{where} pre-trained for 0 epochs (a --init-from run): its classifier never learned; choose a run that pre-trained.")
+    if meta.get("dataset") != config.data.name:
+        raise ValueError(f"{where} pre-trained on {meta.get('dataset')!r}, this run on {config.data.name!r}; the teacher must know the same base classes.")
+    if (teacher_config.data.mean, teacher_config.data.std) != (config.data.mean, config.data.std):
+        raise ValueError(f"{where} normalised its inputs otherwise (data.mean/std {teacher_config.data.mean}/{teacher_config.data.std}); "
+                         "give this run the same data.mean and data.std, or another teacher.")
+    if config.pretrain.distill_sha256 and meta["sha256"] != config.pretrain.distill_sha256:
+        raise ValueError(f"{where}: its pretrain/last changed since this run started (checksum differs from pretrain.distill_sha256); "
+                         "restore it, or start a new run.")
+    return meta
+
+
+def resolve_teacher(config: Config) -> Config:
+    """Check `pretrain.distill_from` before a run directory is written, and pin it: an absolute path and
+    the checksum of its pretrain/last (checked again whenever the run loads the teacher)."""
+    if not config.pretrain.distill_from:
+        return config
+    teacher_dir = Path(config.pretrain.distill_from).expanduser().resolve()
+    meta = _teacher_meta(config, teacher_dir)
+    return dataclasses.replace(config, pretrain=dataclasses.replace(config.pretrain, distill_from=str(teacher_dir), distill_sha256=meta["sha256"]))
+
+
+def load_teacher(config: Config, in_chans: int, num_classes: int, device: torch.device) -> nn.Module:
+    """The network of `pretrain.distill_from` (its pretrain/last: backbone, then classifier), in eval mode,
+    built without touching the global random stream (so dropout draws as without a teacher).
+
+    Raises:
+        ValueError: see `_teacher_meta`; or its classifier covers another number of classes than this run's.
+    """
+    teacher_dir = Path(config.pretrain.distill_from)
+    meta = _teacher_meta(config, teacher_dir)
+    if meta["num_classes"] != num_classes:
+        raise ValueError(f"pretrain.distill_from={teacher_dir} learned {meta['num_classes']} classes, this run pre-trains on "
+                         f"{num_classes} (pretrain.held_out_classes?); the teacher must know the same base classes.")
+    tensors, _ = load_checkpoint(teacher_dir / "pretrain" / "last")
+    with torch.random.fork_rng(devices=[]):
+        backbone = build_backbone(read_run_config(teacher_dir), in_chans)
+        head = nn.Linear(backbone.out_features, num_classes)
     backbone.load_state_dict(tensors_under(tensors, "backbone"))
-    head = nn.Linear(backbone.out_features, num_classes)
     head.load_state_dict(tensors_under(tensors, "head"))
     teacher = nn.Sequential(backbone, head).to(device).eval()
     if config.channels_last:
@@ -92,9 +128,6 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     head = nn.Linear(backbone.out_features, train.num_classes).to(device)
     if config.channels_last:
         backbone.to(memory_format=torch.channels_last)
-    teacher = load_teacher(config, in_chans, train.num_classes, device) if pre.distill_from else None
-    if teacher is not None:
-        log(f"pre-train distils {pre.distill_from} (weight {pre.distill_weight}, temperature {pre.distill_temperature})")
     parameters = list(backbone.parameters()) + list(head.parameters())
     optimizer = torch.optim.SGD(parameters, lr=pre.lr, momentum=pre.momentum, nesterov=pre.nesterov, weight_decay=pre.weight_decay)
     steps_per_epoch = len(train.labels) // pre.batch_size  # drop the ragged last batch: BN dislikes tiny ones
@@ -168,6 +201,9 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         barrier()
         return {"best_val_accuracy": best_accuracy, "seconds": 0.0}
 
+    teacher = load_teacher(config, in_chans, train.num_classes, device) if pre.distill_from else None
+    if teacher is not None:
+        log(f"pre-train distils {pre.distill_from} (weight {pre.distill_weight}, temperature {pre.distill_temperature})")
     started = time.time()
     for epoch in range(start_epoch, pre.epochs):
         backbone.train()
