@@ -48,7 +48,7 @@ __all__ = [
 
 BUNDLE_FILE = "bundle.json"
 BUNDLE_FORMAT = 2  # 2 added flip_average (the test-time flip), which a reader of 1 would silently drop
-_READABLE_FORMATS = (1, 2)  # a format-1 bundle has no test-time flip
+_READABLE_FORMATS = tuple(range(1, BUNDLE_FORMAT + 1))  # a format-1 bundle has no test-time flip
 FORMATS = {"safetensors": "backbone.safetensors", "onnx": "backbone.onnx", "torchscript": "backbone.pt"}
 HEAD_FILE = "head.safetensors"
 

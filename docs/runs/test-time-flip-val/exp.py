@@ -1,5 +1,6 @@
-"""Exploration on VALIDATION episodes only: does centring features by the base-class mean (SimpleShot CL2N)
-help the proto-cosine base learner on a pre-trained backbone?  Paired on the same episodes."""
+"""Exploration on VALIDATION episodes only: do the test-time flip average, the power transform (x^0.5) or
+centring by the base-class mean (SimpleShot CL2N) help the run's base learner on its pre-trained backbone?
+Paired on the same episodes. Usage: python exp2.py RUN EPISODES IMAGES_PER_BASE_CLASS"""
 import sys, time
 from pathlib import Path
 import numpy as np, torch, yaml
@@ -20,6 +21,7 @@ rng = np.random.default_rng(0)
 idx = np.sort(np.concatenate([rng.choice(np.flatnonzero(train.labels == c), per_class, replace=False) for c in range(train.num_classes)]))
 base = extract_features(backbone, train.images, indices=idx, **opts)
 vfeat = extract_features(backbone, val.images, **opts)
+vflip = extract_features(backbone, val.images, flip=True, **opts)
 print(f"features {time.time()-t:.0f}s", flush=True)
 mu = base.mean(0, keepdim=True)
 learner = BaseLearner.from_config(cfg.base_learner)
@@ -27,7 +29,10 @@ zero = BaseLearner.from_config({**vars(cfg.base_learner), "steps": 0})
 for shot in (1, 5):
     tasks = TaskSampler(val.labels, n_way=5, n_shot=shot, n_query=15, seed=[777, 5, shot]).sample(episodes)
     rows = {}
-    for name, feats in (("raw", vfeat), ("centred", vfeat - mu)):
+    pt = lambda x: x.clamp(min=0).pow(0.5)
+    variants = (("raw", vfeat), ("flipavg", (vfeat + vflip) / 2), ("power0.5", pt(vfeat)), ("power-flipavg", pt((vfeat + vflip) / 2)),
+                ("power-centred", pt(vfeat) - pt(base).mean(0, keepdim=True)), ("centred", vfeat - mu))
+    for name, feats in variants:
         for lname, l in (("steps%d" % learner.steps, learner), ("steps0", zero)):
             rows[f"{name}-{lname}"] = evaluate_features(feats, tasks, w, b, learner=l, temperature=cfg.base_learner.temperature)
     ref = rows[f"raw-steps{learner.steps}"]

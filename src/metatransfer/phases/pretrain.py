@@ -47,8 +47,8 @@ def learning_rate(config: Config, epoch: int, step: int, steps_per_epoch: int) -
     return 0.5 * pre.lr * (1 + math.cos(math.pi * progress))
 
 
-def _teacher_meta(config: Config, teacher_dir: Path) -> dict[str, Any]:
-    """The checked plain values of the teacher's pretrain/last.
+def _checked_teacher(config: Config, teacher_dir: Path) -> tuple[Config, dict[str, Any]]:
+    """The teacher run's config and the checked plain values of its pretrain/last.
 
     Raises:
         FileNotFoundError: not a run directory, or its pre-training has not finished.
@@ -71,7 +71,7 @@ def _teacher_meta(config: Config, teacher_dir: Path) -> dict[str, Any]:
     if config.pretrain.distill_sha256 and meta["sha256"] != config.pretrain.distill_sha256:
         raise ValueError(f"{where}: its pretrain/last changed since this run started (checksum differs from pretrain.distill_sha256); "
                          "restore it, or start a new run.")
-    return meta
+    return teacher_config, meta
 
 
 def resolve_teacher(config: Config) -> Config:
@@ -80,7 +80,7 @@ def resolve_teacher(config: Config) -> Config:
     if not config.pretrain.distill_from:
         return config
     teacher_dir = Path(config.pretrain.distill_from).expanduser().resolve()
-    meta = _teacher_meta(config, teacher_dir)
+    _, meta = _checked_teacher(config, teacher_dir)
     return dataclasses.replace(config, pretrain=dataclasses.replace(config.pretrain, distill_from=str(teacher_dir), distill_sha256=meta["sha256"]))
 
 
@@ -89,16 +89,16 @@ def load_teacher(config: Config, in_chans: int, num_classes: int, device: torch.
     built without touching the global random stream (so dropout draws as without a teacher).
 
     Raises:
-        ValueError: see `_teacher_meta`; or its classifier covers another number of classes than this run's.
+        ValueError: see `_checked_teacher`; or its classifier covers another number of classes than this run's.
     """
     teacher_dir = Path(config.pretrain.distill_from)
-    meta = _teacher_meta(config, teacher_dir)
+    teacher_config, meta = _checked_teacher(config, teacher_dir)
     if meta["num_classes"] != num_classes:
         raise ValueError(f"pretrain.distill_from={teacher_dir} learned {meta['num_classes']} classes, this run pre-trains on "
                          f"{num_classes} (pretrain.held_out_classes?); the teacher must know the same base classes.")
     tensors, _ = load_checkpoint(teacher_dir / "pretrain" / "last")
     with torch.random.fork_rng(devices=[]):
-        backbone = build_backbone(read_run_config(teacher_dir), in_chans)
+        backbone = build_backbone(teacher_config, in_chans)
         head = nn.Linear(backbone.out_features, num_classes)
     backbone.load_state_dict(tensors_under(tensors, "backbone"))
     head.load_state_dict(tensors_under(tensors, "head"))
