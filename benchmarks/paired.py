@@ -6,6 +6,9 @@ very same tasks. The difference of their per-episode accuracies has a far tighte
 two separate intervals: this prints its mean and 95% CI per setting.
 
     python benchmarks/paired.py RUN_A RUN_B [--dataset NAME]   # A - B, for each setting both have
+
+Where both runs scored their pre-trained starts (every `mtl run` that meta-trains does), a second
+line compares the starts: two pre-trainings, say with and without `pretrain.distill_from`.
 """
 
 from __future__ import annotations
@@ -16,20 +19,40 @@ from pathlib import Path
 
 import numpy as np
 
-from metatransfer.phases.meta_test import confidence_interval
+from metatransfer.phases.meta_test import confidence_interval, episodes_file_name
 
 
-def _settings(run_dir: Path, dataset: str | None) -> dict[tuple, tuple[dict, np.ndarray]]:
-    """(way, shot, protocol, checkpoint) -> (summary, per-episode accuracies) of one run."""
+def _settings(run_dir: Path, dataset: str | None) -> dict[tuple, tuple[dict, dict]]:
+    """(way, shot, protocol, checkpoint, flip) -> (summary, per-episode accuracies file) of one run."""
     results_path = run_dir / (f"results-{dataset}.json" if dataset else "results.json")
     episodes_dir = run_dir / "meta_test" / (dataset or "")
     found = {}
     for result in json.loads(results_path.read_text()):
-        checkpoint = result.get("checkpoint", "best")
-        name = f"{result['way']}way-{result['shot']}shot-{result['protocol']}" + ("-last" if checkpoint == "last" else "")
-        per_episode = json.loads((episodes_dir / f"episodes-{name}.json").read_text())["per_episode_accuracy"]
-        found[(result["way"], result["shot"], result["protocol"], checkpoint)] = (result, np.asarray(per_episode))
+        key = (result["way"], result["shot"], result["protocol"], result.get("checkpoint", "best"), bool(result.get("flip_average")))
+        found[key] = (result, json.loads((episodes_dir / episodes_file_name(result)).read_text()))
     return found
+
+
+def compare(a: dict[tuple, tuple[dict, dict]], b: dict[tuple, tuple[dict, dict]]) -> list[str]:
+    """One line per setting both runs have: their models, A - B paired; then their pre-trained starts,
+    where both runs scored one (a run's start is its backbone before meta-training, so this line
+    compares two pre-trainings)."""
+    lines = []
+    for key in sorted(set(a) & set(b)):
+        (result_a, episodes_a), (result_b, episodes_b) = a[key], b[key]
+        way, shot, protocol, checkpoint, flip = key
+        setting = (f"{result_a['dataset']} {way}-way {shot}-shot ({protocol}, {checkpoint}{', flip' if flip else ''}, "
+                   f"{len(episodes_a['per_episode_accuracy'])} episodes)")
+        same = (result_a["dataset"], result_a["split"], result_a["seed"], result_a["query"]) == (
+            result_b["dataset"], result_b["split"], result_b["seed"], result_b["query"])
+        if not same or len(episodes_a["per_episode_accuracy"]) != len(episodes_b["per_episode_accuracy"]):
+            lines.append(f"{setting}: not the same episodes (dataset, split, seed, queries or count differ); skipped")
+            continue
+        for what, field, summary in (("models", "per_episode_accuracy", "accuracy"), ("starts", "start_per_episode_accuracy", "start_accuracy")):
+            if field in episodes_a and field in episodes_b:
+                mean, ci95 = confidence_interval(np.asarray(episodes_a[field]) - np.asarray(episodes_b[field]))
+                lines.append(f"{setting} {what}: A {result_a[summary]:.2f} - B {result_b[summary]:.2f} = {mean:+.2f} +- {ci95:.2f} (paired)")
+    return lines
 
 
 def main() -> None:
@@ -38,18 +61,7 @@ def main() -> None:
     parser.add_argument("run_b", type=Path)
     parser.add_argument("--dataset", help="compare their cross-domain results on this dataset (results-NAME.json)")
     args = parser.parse_args()
-    a, b = _settings(args.run_a, args.dataset), _settings(args.run_b, args.dataset)
-    for key in sorted(set(a) & set(b)):
-        (result_a, episodes_a), (result_b, episodes_b) = a[key], b[key]
-        same = (result_a["dataset"], result_a["split"], result_a["seed"], result_a["query"]) == (
-            result_b["dataset"], result_b["split"], result_b["seed"], result_b["query"])
-        if not same or len(episodes_a) != len(episodes_b):
-            print(f"{key}: not the same episodes (dataset, split, seed, queries or count differ); skipped")
-            continue
-        mean, ci95 = confidence_interval(episodes_a - episodes_b)
-        way, shot, protocol, checkpoint = key
-        print(f"{result_a['dataset']} {way}-way {shot}-shot ({protocol}, {checkpoint}, {len(episodes_a)} episodes): "
-              f"A {result_a['accuracy']:.2f} - B {result_b['accuracy']:.2f} = {mean:+.2f} +- {ci95:.2f} (paired)")
+    print("\n".join(compare(_settings(args.run_a, args.dataset), _settings(args.run_b, args.dataset))))
 
 
 if __name__ == "__main__":

@@ -274,16 +274,21 @@ def score_run(run_dir: Path, config: Config, split: ImageSplit, device: torch.de
     return results, " and ".join(sources)
 
 
+def episodes_file_name(result: dict[str, Any]) -> str:
+    """The file, under a run's meta_test/ folder, of one results.json row's per-episode accuracies."""
+    return (f"episodes-{result['way']}way-{result['shot']}shot-{result['protocol']}"
+            + ("-last" if result.get("checkpoint", "best") == "last" else "")
+            + ("-flip" if result.get("flip_average") else "") + ".json")
+
+
 def write_results(results: list[dict[str, Any]], results_path: Path, episodes_dir: Path) -> None:
     """Per-episode accuracies to `episodes_dir`; the summaries into `results_path`, where a new
     result replaces the old one of the same setting and the others are kept."""
     for result in results:
-        name = (f"{result['way']}way-{result['shot']}shot-{result['protocol']}" + ("-last" if result["checkpoint"] == "last" else "")
-                + ("-flip" if result["flip_average"] else ""))
         episodes = {"per_episode_accuracy": result.pop("per_episode")}
         if "start_per_episode" in result:
             episodes["start_per_episode_accuracy"] = result.pop("start_per_episode")
-        write_json(episodes_dir / f"episodes-{name}.json", episodes)
+        write_json(episodes_dir / episodes_file_name(result), episodes)
 
     def key(result: dict[str, Any]) -> tuple:
         return (result["split"], result["way"], result["shot"], result["protocol"], result.get("checkpoint", "best"),

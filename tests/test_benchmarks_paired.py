@@ -1,0 +1,40 @@
+"""benchmarks/paired.py pairs two runs' per-episode accuracies, models and pre-trained starts, setting by setting."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from metatransfer.phases.meta_test import write_results
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paired.py"
+spec = importlib.util.spec_from_file_location("paired", SCRIPT)
+paired = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(paired)
+
+
+def _fake_run(run_dir: Path, model: list[float], start: list[float], flip: bool, seed: int = 1) -> Path:
+    """A run's results.json and episode files (per-episode accuracies as fractions), written by the same function meta-test uses."""
+    result = {"dataset": "fc100", "split": "test", "way": 5, "shot": 1, "query": 15, "protocol": "standard", "seed": seed,
+              "checkpoint": "best", "flip_average": flip, "accuracy": 100 * sum(model) / len(model), "start_accuracy": 100 * sum(start) / len(start),
+              "per_episode": model, "start_per_episode": start}
+    write_results([result], run_dir / "results.json", run_dir / "meta_test")
+    return run_dir
+
+
+def test_models_and_starts_are_paired_per_episode_and_flip_rows_are_found(tmp_path: Path) -> None:
+    a = _fake_run(tmp_path / "a", model=[0.5, 0.6, 0.7], start=[0.4, 0.4, 0.4], flip=True)
+    b = _fake_run(tmp_path / "b", model=[0.48, 0.58, 0.68], start=[0.4, 0.41, 0.42], flip=True)
+    lines = paired.compare(paired._settings(a, None), paired._settings(b, None))
+    assert len(lines) == 2 and "flip" in lines[0]
+    assert lines[0].endswith("models: A 60.00 - B 58.00 = +2.00 +- 0.00 (paired)")  # every episode differs by exactly 2
+    assert "starts: A 40.00 - B 41.00 = -1.00 +-" in lines[1] and not lines[1].endswith("+- 0.00 (paired)")
+
+
+def test_other_episodes_or_other_scoring_are_not_paired(tmp_path: Path) -> None:
+    a = _fake_run(tmp_path / "a", model=[0.5, 0.6], start=[0.4, 0.4], flip=True)
+    other_seed = _fake_run(tmp_path / "b", model=[0.5, 0.6], start=[0.4, 0.4], flip=True, seed=2)
+    no_flip = _fake_run(tmp_path / "c", model=[0.5, 0.6], start=[0.4, 0.4], flip=False)
+    assert paired.compare(paired._settings(a, None), paired._settings(other_seed, None))[0].endswith("skipped")
+    assert paired.compare(paired._settings(a, None), paired._settings(no_flip, None)) == []
