@@ -93,6 +93,9 @@ class PretrainConfig:
     distill_sha256: str = ""  # the teacher's pretrain/last checksum, recorded when the run starts
     distill_weight: float = 0.5  # RFS: 0.5
     distill_temperature: float = 4.0  # RFS: 4
+    # Born-again in one run: generations=G pre-trains G networks in a row, each taught by the one before
+    # (generation g < G in RUN/generations/g, a run directory of its own; the last is this run's).
+    generations: int = 1
     val_every: int = 1  # epochs between few-shot validations that pick the best checkpoint
     val_episodes: int = 600
     val_shot: int = 1  # 5-way val_shot episodes, a fresh FC fine-tuned on frozen features
@@ -345,6 +348,9 @@ def check_config(config: Config) -> None:
         raise ValueError("meta_train.classes=held_out needs pretrain.held_out_classes > 0 (the classes pre-training leaves out).")
     if config.pretrain.epochs == 0 and not config.model.init_from:
         raise ValueError("pretrain.epochs=0 keeps the initial backbone, which only makes sense with --init-from (model.init_from).")
+    if config.pretrain.generations < 1 or (config.pretrain.generations > 1 and (config.pretrain.distill_from or config.pretrain.epochs == 0)):
+        raise ValueError(f"pretrain.generations={config.pretrain.generations} must be at least 1, and above 1 only without "
+                         "pretrain.distill_from (the generations teach each other) and with pretrain.epochs > 0.")
     if not 0.0 <= config.pretrain.distill_weight <= 1.0 or config.pretrain.distill_temperature <= 0:
         raise ValueError(f"pretrain.distill_weight={config.pretrain.distill_weight} must lie in [0, 1] and "
                          f"pretrain.distill_temperature={config.pretrain.distill_temperature} be positive.")

@@ -425,6 +425,26 @@ def test_pre_training_distils_a_finished_run(smoke_run, fc100_small, tmp_path, c
     assert distance["1"] < distance["0"]
 
 
+def test_generations_pre_train_their_teachers_within_the_run(fc100_small, tmp_path, capsys):
+    """pretrain.generations=2 is `mtl pretrain` twice, the second taught by the first, bit for bit; a
+    resumed run keeps the finished generation."""
+    student = ["seed=1", "model.drop_rate=0.1"]
+    assert main(["pretrain", *_run_args(fc100_small, tmp_path / "first", *student)]) == 0
+    assert main(["pretrain", *_run_args(fc100_small, tmp_path / "second", *student, f"pretrain.distill_from={tmp_path / 'first'}")]) == 0
+    born = tmp_path / "born"
+    assert main(["pretrain", *_run_args(fc100_small, born, *student, "pretrain.generations=2")]) == 0
+    weights = {name: load_file(str(run_dir / "pretrain" / "last.safetensors"))
+               for name, run_dir in (("first", tmp_path / "first"), ("second", tmp_path / "second"),
+                                     ("born-1", born / "generations" / "1"), ("born", born))}
+    for made, by_hand in (("born-1", "first"), ("born", "second")):
+        assert all(weights[made][k].equal(weights[by_hand][k]) for k in weights[by_hand] if k.startswith(("backbone.", "head.")))
+    assert not weights["born"]["backbone.features.0.0.weight"].equal(weights["born-1"]["backbone.features.0.0.weight"])
+    assert "pre-train generation 2 of 2" in capsys.readouterr().out
+    generation_files = _files(born / "generations" / "1")
+    assert main(["pretrain", "--resume", str(born)]) == 0
+    assert "already complete" in capsys.readouterr().out and _files(born / "generations" / "1") == generation_files
+
+
 def test_a_teacher_must_have_finished_pre_training_on_the_same_classes(smoke_run, fc100_small, tmp_path, capsys):
     other_classes = tmp_path / "held-out"
     assert main(["pretrain", *_run_args(fc100_small, other_classes, "pretrain.held_out_classes=12")]) == 0

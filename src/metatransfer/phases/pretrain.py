@@ -1,5 +1,6 @@
 """Phase 1, pre-train: a backbone learns all base classes with plain cross-entropy (optionally also
-matching a finished run's softened predictions: RFS's self-distillation, `pretrain.distill_from`).
+matching a finished run's softened predictions: RFS's self-distillation, `pretrain.distill_from`, or
+`pretrain.generations` to pre-train the teachers within the run).
 
 The classifier head is dropped afterwards; the checkpoint kept (`pretrain/best`) is the epoch whose
 features give the best few-shot accuracy on validation episodes (a fresh FC fine-tuned on frozen
@@ -31,11 +32,11 @@ from metatransfer.phases.meta_test import evaluate_split
 from metatransfer.progress import progress_bar
 from metatransfer.run import (
     MetricsLog, autocast, checkpoint_exists, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
-    read_run_config, save_checkpoint, tensors_under, write_json,
+    prepare_run_dir, read_run_config, save_checkpoint, tensors_under, write_json,
 )
 from metatransfer.transfer import load_init_backbone
 
-__all__ = ["learning_rate", "resolve_teacher", "load_teacher", "distillation_loss", "run"]
+__all__ = ["learning_rate", "resolve_teacher", "load_teacher", "distillation_loss", "teach_generations", "run"]
 
 
 def learning_rate(config: Config, epoch: int, step: int, steps_per_epoch: int) -> float:
@@ -114,10 +115,33 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                     log_target=True, reduction="batchmean") * temperature**2
 
 
+def teach_generations(config: Config, run_dir: Path, log=print) -> Config:
+    """Pre-train generations 1 .. G-1 of `pretrain.generations=G`, each in `RUN/generations/g` and taught
+    by the one before, exactly as `mtl pretrain --out GEN_g pretrain.distill_from=GEN_(g-1)` would (same
+    seed, so same draws); returns the config of this run's own pre-training, the last generation:
+    one generation, taught by generation G-1. A finished generation is kept, so a resumed run goes on
+    where it stopped."""
+    teacher = ""
+    for generation in range(1, config.pretrain.generations):
+        generation_dir = run_dir / "generations" / str(generation)
+        generation_config = resolve_teacher(dataclasses.replace(
+            config, pretrain=dataclasses.replace(config.pretrain, generations=1, distill_from=teacher, distill_sha256="")))
+        if is_main():
+            prepare_run_dir(generation_dir, generation_config)
+        barrier()
+        log(f"pre-train generation {generation} of {config.pretrain.generations}, in {generation_dir}")
+        run(generation_config, generation_dir, log=log)
+        teacher = str(generation_dir)
+    return resolve_teacher(dataclasses.replace(config, pretrain=dataclasses.replace(config.pretrain, generations=1, distill_from=teacher)))
+
+
 def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     """Pre-train on the train split; writes `pretrain/best` (by validation) and `pretrain/last`."""
-    pre = config.pretrain
     log = log if is_main() else (lambda message: None)
+    if (generations := config.pretrain.generations) > 1:
+        config = teach_generations(config, run_dir, log)
+        log(f"pre-train generation {generations} of {generations}, in {run_dir}")
+    pre = config.pretrain
     device, train, val = start_phase(config)
     if pre.held_out_classes:  # keep some base classes for meta-training only
         held_out = held_out_classes(config, train.num_classes)
