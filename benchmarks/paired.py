@@ -23,12 +23,12 @@ from metatransfer.phases.meta_test import confidence_interval, episodes_file_nam
 
 
 def _settings(run_dir: Path, dataset: str | None) -> dict[tuple, tuple[dict, dict]]:
-    """(way, shot, protocol, checkpoint, flip) -> (summary, per-episode accuracies file) of one run."""
+    """(split, way, shot, protocol, checkpoint, flip) -> (summary, per-episode accuracies file) of one run."""
     results_path = run_dir / (f"results-{dataset}.json" if dataset else "results.json")
     episodes_dir = run_dir / "meta_test" / (dataset or "")
     found = {}
     for result in json.loads(results_path.read_text()):
-        key = (result["way"], result["shot"], result["protocol"], result.get("checkpoint", "best"), bool(result.get("flip_average")))
+        key = (result["split"], result["way"], result["shot"], result["protocol"], result.get("checkpoint", "best"), bool(result.get("flip_average")))
         found[key] = (result, json.loads((episodes_dir / episodes_file_name(result)).read_text()))
     return found
 
@@ -40,8 +40,8 @@ def compare(a: dict[tuple, tuple[dict, dict]], b: dict[tuple, tuple[dict, dict]]
     lines = []
     for key in sorted(set(a) & set(b)):
         (result_a, episodes_a), (result_b, episodes_b) = a[key], b[key]
-        way, shot, protocol, checkpoint, flip = key
-        setting = (f"{result_a['dataset']} {way}-way {shot}-shot ({protocol}, {checkpoint}{', flip' if flip else ''}, "
+        split, way, shot, protocol, checkpoint, flip = key
+        setting = (f"{result_a['dataset']} {split} {way}-way {shot}-shot ({protocol}, {checkpoint}{', flip' if flip else ''}, "
                    f"{len(episodes_a['per_episode_accuracy'])} episodes)")
         same = (result_a["dataset"], result_a["split"], result_a["seed"], result_a["query"]) == (
             result_b["dataset"], result_b["split"], result_b["seed"], result_b["query"])

@@ -14,9 +14,9 @@ paired = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(paired)
 
 
-def _fake_run(run_dir: Path, model: list[float], start: list[float], flip: bool, seed: int = 1) -> Path:
+def _fake_run(run_dir: Path, model: list[float], start: list[float], flip: bool, seed: int = 1, split: str = "test") -> Path:
     """A run's results.json and episode files (per-episode accuracies as fractions), written by the same function meta-test uses."""
-    result = {"dataset": "fc100", "split": "test", "way": 5, "shot": 1, "query": 15, "protocol": "standard", "seed": seed,
+    result = {"dataset": "fc100", "split": split, "way": 5, "shot": 1, "query": 15, "protocol": "standard", "seed": seed,
               "checkpoint": "best", "flip_average": flip, "accuracy": 100 * sum(model) / len(model), "start_accuracy": 100 * sum(start) / len(start),
               "per_episode": model, "start_per_episode": start}
     write_results([result], run_dir / "results.json", run_dir / "meta_test")
@@ -38,3 +38,12 @@ def test_other_episodes_or_other_scoring_are_not_paired(tmp_path: Path) -> None:
     no_flip = _fake_run(tmp_path / "c", model=[0.5, 0.6], start=[0.4, 0.4], flip=False)
     assert paired.compare(paired._settings(a, None), paired._settings(other_seed, None))[0].endswith("skipped")
     assert paired.compare(paired._settings(a, None), paired._settings(no_flip, None)) == []
+
+
+def test_a_split_scored_later_keeps_its_own_episodes_and_pairs_only_with_that_split(tmp_path: Path) -> None:
+    a = _fake_run(tmp_path / "a", model=[0.5, 0.6], start=[0.4, 0.4], flip=False)
+    _fake_run(tmp_path / "a", model=[0.9, 0.9], start=[0.8, 0.8], flip=False, split="val")  # `mtl meta-test --resume a meta_test.split=val`
+    b = _fake_run(tmp_path / "b", model=[0.5, 0.5], start=[0.4, 0.4], flip=False)
+    assert sorted(p.name for p in (a / "meta_test").iterdir()) == ["episodes-5way-1shot-standard-val.json", "episodes-5way-1shot-standard.json"]
+    lines = paired.compare(paired._settings(a, None), paired._settings(b, None))
+    assert len(lines) == 2 and all(" test " in line for line in lines) and "A 55.00 - B 50.00 = +5.00" in lines[0]

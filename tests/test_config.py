@@ -185,6 +185,7 @@ def test_absurd_learning_rates_are_refused(override):
     (["pretrain.distill_temperature=0"], "distill_temperature=0.0 .*be positive"),
     (["pretrain.generations=0"], "generations=0 must be at least 1"),
     (["pretrain.generations=2", "pretrain.distill_from=/some/run"], "only without pretrain.distill_from"),
+    (["pretrain.generations=2", "pretrain.epochs=0", "model.init_from=/some/run"], "with pretrain.epochs > 0"),
 ])
 def test_settings_that_do_not_work_together_are_refused_before_a_run(overrides, message):
     from metatransfer.config import check_config

@@ -425,9 +425,9 @@ def test_pre_training_distils_a_finished_run(smoke_run, fc100_small, tmp_path, c
     assert distance["1"] < distance["0"]
 
 
-def test_generations_pre_train_their_teachers_within_the_run(fc100_small, tmp_path, capsys):
+def test_generations_pre_train_their_teachers_within_the_run(smoke_run, fc100_small, tmp_path, capsys):
     """pretrain.generations=2 is `mtl pretrain` twice, the second taught by the first, bit for bit; a
-    resumed run keeps the finished generation."""
+    resumed run keeps the finished generation; meta-training a given backbone pre-trains nothing."""
     student = ["seed=1", "model.drop_rate=0.1"]
     assert main(["pretrain", *_run_args(fc100_small, tmp_path / "first", *student)]) == 0
     assert main(["pretrain", *_run_args(fc100_small, tmp_path / "second", *student, f"pretrain.distill_from={tmp_path / 'first'}")]) == 0
@@ -442,7 +442,12 @@ def test_generations_pre_train_their_teachers_within_the_run(fc100_small, tmp_pa
     assert "pre-train generation 2 of 2" in capsys.readouterr().out
     generation_files = _files(born / "generations" / "1")
     assert main(["pretrain", "--resume", str(born)]) == 0
-    assert "already complete" in capsys.readouterr().out and _files(born / "generations" / "1") == generation_files
+    resumed = capsys.readouterr().out
+    assert f"already complete in {born} " in resumed and "pre-train generation" not in resumed  # finished: its teachers are not even visited
+    assert _files(born / "generations" / "1") == generation_files
+    transfer = tmp_path / "transfer"  # `mtl meta-train --init-from`: the backbone as it is, 0 epochs, no teachers
+    assert main(["meta-train", "--init-from", str(smoke_run), *_run_args(fc100_small, transfer, "pretrain.generations=2")]) == 0
+    assert (transfer / "meta_train" / "best.json").is_file() and not (transfer / "generations").exists()
 
 
 def test_a_teacher_must_have_finished_pre_training_on_the_same_classes(smoke_run, fc100_small, tmp_path, capsys):

@@ -275,8 +275,10 @@ def score_run(run_dir: Path, config: Config, split: ImageSplit, device: torch.de
 
 
 def episodes_file_name(result: dict[str, Any]) -> str:
-    """The file, under a run's meta_test/ folder, of one results.json row's per-episode accuracies."""
+    """The file, under a run's meta_test/ folder, of one results.json row's per-episode accuracies
+    (one file per row: split, setting, checkpoint and flip each name it)."""
     return (f"episodes-{result['way']}way-{result['shot']}shot-{result['protocol']}"
+            + (f"-{result['split']}" if result.get("split", "test") != "test" else "")
             + ("-last" if result.get("checkpoint", "best") == "last" else "")
             + ("-flip" if result.get("flip_average") else "") + ".json")
 

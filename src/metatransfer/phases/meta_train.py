@@ -141,7 +141,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
             raise ValueError(f"{run_dir} holds an unfinished pre-training (pretrain/last, no pretrain/best): finish it with "
                              f"`mtl pretrain --resume {run_dir}` before meta-training.")
         log(f"no pretrain/best in {run_dir}: meta-train starts from the --init-from backbone as it is (0 pre-training epochs)")
-        pretrain.run(dataclasses.replace(config, pretrain=dataclasses.replace(config.pretrain, epochs=0)), run_dir, log=log)
+        pretrain.run(dataclasses.replace(config, pretrain=dataclasses.replace(config.pretrain, epochs=0, generations=1)), run_dir, log=log)
     device, train, val = start_phase(config)
     if meta.classes == "held_out":  # the base classes pre-training never saw
         train = class_subset(train, held_out_classes(config, train.num_classes))

@@ -120,7 +120,8 @@ def teach_generations(config: Config, run_dir: Path, log=print) -> Config:
     by the one before, exactly as `mtl pretrain --out GEN_g pretrain.distill_from=GEN_(g-1)` would (same
     seed, so same draws); returns the config of this run's own pre-training, the last generation:
     one generation, taught by generation G-1. A finished generation is kept, so a resumed run goes on
-    where it stopped."""
+    where it stopped. The teachers live inside the run directory; each generation's config.yaml pins
+    its own teacher's checksum, while the run's config.yaml records only `generations`."""
     teacher = ""
     for generation in range(1, config.pretrain.generations):
         generation_dir = run_dir / "generations" / str(generation)
@@ -138,7 +139,9 @@ def teach_generations(config: Config, run_dir: Path, log=print) -> Config:
 def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     """Pre-train on the train split; writes `pretrain/best` (by validation) and `pretrain/last`."""
     log = log if is_main() else (lambda message: None)
-    if (generations := config.pretrain.generations) > 1:
+    last_stem = run_dir / "pretrain" / "last"
+    own_done = checkpoint_exists(last_stem) and json.loads(last_stem.with_suffix(".json").read_text()).get("complete")
+    if (generations := config.pretrain.generations) > 1 and not own_done:  # finished: its teachers are no longer needed
         config = teach_generations(config, run_dir, log)
         log(f"pre-train generation {generations} of {generations}, in {run_dir}")
     pre = config.pretrain
@@ -162,7 +165,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     saved_meta = {**model_meta, "init_from": config.model.init_from, "init_sha256": config.model.init_sha256}  # recorded, not checked:
     # runs from before --init-from have no such keys and must still resume
     metrics = MetricsLog(run_dir, enabled=is_main(), name="pretrain")
-    last_stem, best_stem = run_dir / "pretrain" / "last", run_dir / "pretrain" / "best"
+    best_stem = run_dir / "pretrain" / "best"
     start_epoch, start_step, best_accuracy = 0, 0, -1.0
     generator_state = None
     running = [0.0, 0, 0]  # the epoch so far: summed loss, correct predictions, images (all ranks)
