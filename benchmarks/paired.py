@@ -43,10 +43,9 @@ def compare(a: dict[tuple, tuple[dict, dict]], b: dict[tuple, tuple[dict, dict]]
         split, way, shot, protocol, checkpoint, flip = key
         setting = (f"{result_a['dataset']} {split} {way}-way {shot}-shot ({protocol}, {checkpoint}{', flip' if flip else ''}, "
                    f"{len(episodes_a['per_episode_accuracy'])} episodes)")
-        same = (result_a["dataset"], result_a["split"], result_a["seed"], result_a["query"]) == (
-            result_b["dataset"], result_b["split"], result_b["seed"], result_b["query"])
+        same = (result_a["dataset"], result_a["seed"], result_a["query"]) == (result_b["dataset"], result_b["seed"], result_b["query"])
         if not same or len(episodes_a["per_episode_accuracy"]) != len(episodes_b["per_episode_accuracy"]):
-            lines.append(f"{setting}: not the same episodes (dataset, split, seed, queries or count differ); skipped")
+            lines.append(f"{setting}: not the same episodes (dataset, seed, queries or count differ); skipped")
             continue
         for what, field, summary in (("models", "per_episode_accuracy", "accuracy"), ("starts", "start_per_episode_accuracy", "start_accuracy")):
             if field in episodes_a and field in episodes_b:

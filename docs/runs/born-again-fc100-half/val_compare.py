@@ -20,8 +20,9 @@ for run in runs:
     config = read_run_config(run)
     val = load_run_split(config, "val")
     options = dict(ways=[5], shots=[1, 5], episodes=episodes, n_query=15, protocol="standard", seed=SEED)
-    start = evaluate_split(*load_start_model(run, config, 3, device), val, config, device, **options)
-    backbone, weight, bias, temperature, _ = load_meta_model(run, config, 3, device)
+    in_chans = val.images.shape[-1]
+    start = evaluate_split(*load_start_model(run, config, in_chans, device), val, config, device, **options)
+    backbone, weight, bias, temperature, _ = load_meta_model(run, config, in_chans, device)
     model = evaluate_split(backbone, weight, bias, val, config, device, temperature=temperature, **options)
     scores[run] = {"start": start, "model": model}
 a, b = runs

@@ -1,6 +1,6 @@
 """Exploration on VALIDATION episodes only: do the test-time flip average, the power transform (x^0.5) or
 centring by the base-class mean (SimpleShot CL2N) help the run's base learner on its pre-trained backbone?
-Paired on the same episodes. Usage: python exp2.py RUN EPISODES IMAGES_PER_BASE_CLASS"""
+Paired on the same episodes. Usage: python exp.py RUN EPISODES IMAGES_PER_BASE_CLASS"""
 import sys, time
 from pathlib import Path
 import numpy as np, torch, yaml

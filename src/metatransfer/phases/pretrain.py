@@ -48,6 +48,12 @@ def learning_rate(config: Config, epoch: int, step: int, steps_per_epoch: int) -
     return 0.5 * pre.lr * (1 + math.cos(math.pi * progress))
 
 
+def _last_meta(run_dir: Path) -> dict[str, Any]:
+    """The plain values of a run's pretrain/last ({} before its first checkpoint); "complete" says it finished."""
+    stem = run_dir / "pretrain" / "last"
+    return json.loads(stem.with_suffix(".json").read_text()) if checkpoint_exists(stem) else {}
+
+
 def _checked_teacher(config: Config, teacher_dir: Path) -> tuple[Config, dict[str, Any]]:
     """The teacher run's config and the checked plain values of its pretrain/last.
 
@@ -56,8 +62,7 @@ def _checked_teacher(config: Config, teacher_dir: Path) -> tuple[Config, dict[st
         ValueError: a teacher that never trained, saw other data or inputs, or changed since this run started.
     """
     teacher_config = read_run_config(teacher_dir)
-    stem = teacher_dir / "pretrain" / "last"
-    meta = json.loads(stem.with_suffix(".json").read_text()) if checkpoint_exists(stem) else {}
+    meta = _last_meta(teacher_dir)
     where = f"pretrain.distill_from={teacher_dir}"
     if not meta.get("complete"):
         raise FileNotFoundError(f"{where}: its pre-training has not finished (no complete pretrain/last); "
@@ -139,9 +144,7 @@ def teach_generations(config: Config, run_dir: Path, log=print) -> Config:
 def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     """Pre-train on the train split; writes `pretrain/best` (by validation) and `pretrain/last`."""
     log = log if is_main() else (lambda message: None)
-    last_stem = run_dir / "pretrain" / "last"
-    own_done = checkpoint_exists(last_stem) and json.loads(last_stem.with_suffix(".json").read_text()).get("complete")
-    if (generations := config.pretrain.generations) > 1 and not own_done:  # finished: its teachers are no longer needed
+    if (generations := config.pretrain.generations) > 1 and not _last_meta(run_dir).get("complete"):  # finished: no teachers needed
         config = teach_generations(config, run_dir, log)
         log(f"pre-train generation {generations} of {generations}, in {run_dir}")
     pre = config.pretrain
@@ -165,7 +168,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     saved_meta = {**model_meta, "init_from": config.model.init_from, "init_sha256": config.model.init_sha256}  # recorded, not checked:
     # runs from before --init-from have no such keys and must still resume
     metrics = MetricsLog(run_dir, enabled=is_main(), name="pretrain")
-    best_stem = run_dir / "pretrain" / "best"
+    last_stem, best_stem = run_dir / "pretrain" / "last", run_dir / "pretrain" / "best"
     start_epoch, start_step, best_accuracy = 0, 0, -1.0
     generator_state = None
     running = [0.0, 0, 0]  # the epoch so far: summed loss, correct predictions, images (all ranks)
