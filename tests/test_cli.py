@@ -75,6 +75,21 @@ def test_config_data_root_option(capsys, tmp_path):
     assert yaml.safe_load(capsys.readouterr().out)["data"]["root"] == str(tmp_path)
 
 
+def test_overrides_may_come_before_and_after_options_and_apply_in_the_order_typed(capsys, tmp_path):
+    argv = ["config", "seed=3", "--preset", "smoke", "meta_train.iterations=3", "--data-root", str(tmp_path), "meta_train.iterations=5"]
+    assert main(argv) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert (config["seed"], config["meta_train"]["iterations"], config["data"]["root"]) == (3, 5, str(tmp_path))
+
+
+@pytest.mark.parametrize("argv", [["config", "--preset", "smoke", "--no-such-option"], ["presets", "seed=3"], ["config", "seed=1", "--preset", "smoke", "seed"]])
+def test_words_that_are_neither_options_nor_overrides_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: " + argv[-1] in capsys.readouterr().err
+
+
 def test_bad_preset_name_exits_2_with_a_message(capsys, tmp_path):
     assert main(["config", "--preset", "no-such-preset"]) == 2
     error = capsys.readouterr().err

@@ -213,9 +213,24 @@ def _ablate_locked(args: argparse.Namespace, config) -> None:
     print(f"wrote {args.out / 'ablation.md'}, ablation.png and convergence-*shot.png")
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse, accepting overrides on both sides of options (`mtl run X=1 --out R Y=2`).
+
+    argparse fills a `nargs="*"` positional from one run of words only, so overrides after an option
+    would be "unrecognized"; they come back as extras here and are appended in the order typed.
+    """
+    args, extras = parser.parse_known_args(argv)
+    stray = [word for word in extras if word.startswith("-") or "=" not in word or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extras:
+        args.overrides = [*args.overrides, *extras]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if hasattr(args, "resume") and args.out is None and (args.resume is True or (args.resume is None and args.command != "config")):
         parser.error("the following arguments are required: --out (or --resume RUN_DIR)")
     try:
