@@ -183,6 +183,7 @@ def test_absurd_learning_rates_are_refused(override):
     (["base_learner.learn_temperature=true"], "scales cosine logits only"),
     (["pretrain.distill_weight=1.5"], r"distill_weight=1.5 must lie in \[0, 1\]"),
     (["pretrain.distill_temperature=0"], "distill_temperature=0.0 .*be positive"),
+    (["pretrain.rotation_weight=-1"], "rotation_weight=-1.0 must be 0"),
     (["pretrain.generations=0"], "generations=0 must be at least 1"),
     (["pretrain.generations=2", "pretrain.distill_from=/some/run"], "only without pretrain.distill_from"),
     (["pretrain.generations=2", "pretrain.epochs=0", "model.init_from=/some/run"], "with pretrain.epochs > 0"),

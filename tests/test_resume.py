@@ -84,10 +84,11 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "time"} for r in records]
 
 
-def test_pretrain_killed_mid_epoch_resumes_to_the_same_checkpoints_and_metrics(fc100_small, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["pretrain.rotation_weight=1"]], ids=["plain", "rotation"])
+def test_pretrain_killed_mid_epoch_resumes_to_the_same_checkpoints_and_metrics(fc100_small, tmp_path, extra):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    _finish(_mtl("pretrain", *_args(fc100_small, straight, PRETRAIN)))
-    saved = _kill_mid_phase(_mtl("pretrain", *_args(fc100_small, killed, PRETRAIN)), killed / "pretrain" / "last.json", "step")
+    _finish(_mtl("pretrain", *_args(fc100_small, straight, [*PRETRAIN, *extra])))
+    saved = _kill_mid_phase(_mtl("pretrain", *_args(fc100_small, killed, [*PRETRAIN, *extra])), killed / "pretrain" / "last.json", "step")
     process = _mtl("pretrain", "--resume", "--out", str(killed))
     _finish(process)
     _assert_same_checkpoints(straight, killed, "pretrain")

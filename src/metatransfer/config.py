@@ -96,6 +96,10 @@ class PretrainConfig:
     # Born-again in one run: generations=G pre-trains G networks in a row, each taught by the one before
     # (generation g < G in RUN/generations/g, a run directory of its own; the last is this run's).
     generations: int = 1
+    # Rotation self-supervision (Gidaris et al., ICCV 2019): each batch also goes through the backbone
+    # turned by a random multiple of 90 degrees, and a 4-way head predicts the turn;
+    # loss = CE + rotation_weight * rotation CE. 0 = off (plain pre-training, bit for bit). Twice the compute.
+    rotation_weight: float = 0.0
     val_every: int = 1  # epochs between few-shot validations that pick the best checkpoint
     val_episodes: int = 600
     val_shot: int = 1  # 5-way val_shot episodes, a fresh FC fine-tuned on frozen features
@@ -354,6 +358,8 @@ def check_config(config: Config) -> None:
     if not 0.0 <= config.pretrain.distill_weight <= 1.0 or config.pretrain.distill_temperature <= 0:
         raise ValueError(f"pretrain.distill_weight={config.pretrain.distill_weight} must lie in [0, 1] and "
                          f"pretrain.distill_temperature={config.pretrain.distill_temperature} be positive.")
+    if config.pretrain.rotation_weight < 0:
+        raise ValueError(f"pretrain.rotation_weight={config.pretrain.rotation_weight} must be 0 (off) or positive (Gidaris et al.: 1.0).")
     if any(shot < 1 for shot in meta.val_shots):
         raise ValueError(f"meta_train.val_shots={meta.val_shots}: shots are positive integers (for example 5, or 1,5).")
     name = meta.init_checkpoint

@@ -476,6 +476,29 @@ def test_a_teacher_must_have_finished_pre_training_on_the_same_classes(smoke_run
     assert "is not a run directory" in capsys.readouterr().err and not student.exists()  # refused before anything is written
 
 
+def test_pre_training_with_rotation_self_supervision(smoke_run, fc100_small, tmp_path):
+    """pretrain.rotation_weight: 0 is plain pre-training bit for bit (dropout on); above 0 the run trains
+    and keeps a 4-way rotation head beside the class head, and its backbone differs."""
+    student = ["seed=1", "model.drop_rate=0.1"]
+    runs = {"plain": student, "0": [*student, "pretrain.rotation_weight=0"], "1": [*student, "pretrain.rotation_weight=1"]}
+    for name, overrides in runs.items():
+        assert main(["pretrain", *_run_args(fc100_small, tmp_path / name, *overrides)]) == 0
+    last = {name: load_file(str(tmp_path / name / "pretrain" / "last.safetensors")) for name in runs}
+    first_conv = {name: tensors["backbone.features.0.0.weight"] for name, tensors in last.items()}
+    assert first_conv["0"].equal(first_conv["plain"]) and not first_conv["1"].equal(first_conv["plain"])
+    assert "rotation_head.weight" not in last["plain"] and last["1"]["rotation_head.weight"].shape == (4, last["1"]["head.weight"].shape[1])
+
+
+def test_rotate_batch_turns_each_image_by_its_label():
+    x = torch.randn(16, 3, 8, 8)
+    rotated, turns = pretrain.rotate_batch(x, torch.Generator().manual_seed(0))
+    assert rotated.shape == x.shape and set(turns.tolist()) == {0, 1, 2, 3}  # 16 draws: all four turns occur with this seed
+    for image, turned, k in zip(x, rotated, turns.tolist()):
+        assert turned.equal(torch.rot90(image, k, dims=(1, 2)))
+    with pytest.raises(ValueError, match="square"):
+        pretrain.rotate_batch(torch.randn(2, 3, 8, 6), torch.Generator())
+
+
 def test_distillation_loss_is_the_tempered_kl_divergence():
     student, teacher = torch.randn(4, 6, generator=torch.Generator().manual_seed(0)), torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
     p_teacher = torch.softmax(teacher / 4, dim=1)
