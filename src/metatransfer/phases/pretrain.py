@@ -132,11 +132,11 @@ def rotate_batch(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Ten
     if x.shape[-1] != x.shape[-2]:
         raise ValueError(f"pretrain.rotation_weight needs square images; these are {x.shape[-2]}x{x.shape[-1]}. "
                          "Prepare the data with a square image_size, or set pretrain.rotation_weight=0.")
-    turns = torch.randint(0, 4, (len(x),), generator=generator).to(x.device)
+    turns = torch.randint(0, 4, (len(x),), generator=generator)  # on the CPU: masking with it needs no device sync
     rotated = x.clone()
     for k in range(1, 4):
         rotated[turns == k] = torch.rot90(x[turns == k], k, dims=(2, 3))
-    return rotated, turns
+    return rotated, turns.to(x.device)
 
 
 def teach_generations(config: Config, run_dir: Path, log=print) -> Config:
@@ -191,7 +191,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     last_stem, best_stem = run_dir / "pretrain" / "last", run_dir / "pretrain" / "best"
     start_epoch, start_step, best_accuracy = 0, 0, -1.0
     generator_state = None
-    running = [0.0, 0, 0]  # the epoch so far: summed loss, correct predictions, images (all ranks)
+    running = [0.0, 0, 0, 0]  # the epoch so far: summed loss, correct classes, images, correct turns (all ranks)
 
     def save_last(epoch: int, step: int, generator: torch.Generator) -> None:
         if not is_main():
@@ -204,7 +204,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
             **optim_tensors, "rng.torch": torch.get_rng_state(), "rng.augment": generator.get_state(),
         }
         save_checkpoint(last_stem, tensors, {**saved_meta, "epoch": epoch, "step": step, "best_accuracy": best_accuracy,
-                                             "optimizer": optim_meta, "running": running if step else [0.0, 0, 0],
+                                             "optimizer": optim_meta, "running": running if step else [0.0, 0, 0, 0],
                                              "complete": epoch >= pre.epochs})
 
     if checkpoint_exists(last_stem):  # resume where the last checkpoint left off
@@ -217,7 +217,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         torch.set_rng_state(tensors["rng.torch"])
         generator_state = tensors["rng.augment"]
         start_epoch, start_step, best_accuracy = saved["epoch"], saved["step"], saved["best_accuracy"]
-        running = list(saved.get("running", running))
+        running = [*saved.get("running", running), 0, 0, 0, 0][:4]  # checkpoints before rotation_weight kept three
         if start_epoch >= pre.epochs or saved.get("complete"):  # complete: also a 0-epoch start made by `mtl meta-train --init-from`
             log(f"pre-train already complete in {run_dir} (best val {best_accuracy:.2f}%).")
             barrier()
@@ -269,7 +269,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         if first_step and generator_state is not None:
             generator.set_state(generator_state)
         if not first_step:
-            running = [0.0, 0, 0]
+            running = [0.0, 0, 0, 0]
         progress = progress_bar(range(first_step, steps_per_epoch), desc=f"pre-train {epoch + 1}/{pre.epochs}", initial=first_step,
                         total=steps_per_epoch, leave=False, dynamic_ncols=True, disable=not is_main())
         for step in progress:
@@ -294,14 +294,18 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
                 with autocast(device, config.amp):
                     features = backbone(both)
                     logits, rotation_logits = head(features[: len(x)]).float(), rotation_head(features[len(x) :]).float()
-                loss = F.cross_entropy(logits, y, label_smoothing=pre.label_smoothing) + pre.rotation_weight * F.cross_entropy(rotation_logits, turns)
+                loss = F.cross_entropy(logits, y, label_smoothing=pre.label_smoothing)
             if teacher is not None:
                 with torch.no_grad(), autocast(device, config.amp):
                     teacher_logits = teacher(x).float()
                 loss = (1 - pre.distill_weight) * loss + pre.distill_weight * distillation_loss(logits, teacher_logits, pre.distill_temperature)
-            batch_loss, batch_correct, batch_seen = all_reduce_sum(
-                torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float(), torch.tensor(float(len(y)), device=device)])
-            ).tolist()
+            turns_correct = torch.zeros((), device=device)
+            if rotation_head is not None:  # added after distillation's mix: its weight is rotation_weight whatever distill_weight is
+                loss = loss + pre.rotation_weight * F.cross_entropy(rotation_logits, turns)
+                turns_correct = (rotation_logits.argmax(1) == turns).sum().float()
+            batch_loss, batch_correct, batch_seen, batch_turns_correct = all_reduce_sum(torch.stack([
+                loss.detach() * len(y), (logits.argmax(1) == y).sum().float(), torch.tensor(float(len(y)), device=device), turns_correct,
+            ])).tolist()
             if not math.isfinite(batch_loss):  # the summed loss: every rank stops together
                 raise FloatingPointError(
                     f"pre-train loss became {batch_loss / batch_seen} at epoch {epoch}, step {step}; {last_stem} holds the last good state. "
@@ -311,12 +315,14 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
             loss.backward()
             all_reduce_gradients(parameters)
             optimizer.step()
-            running = [running[0] + batch_loss, running[1] + int(batch_correct), running[2] + int(batch_seen)]
+            running = [running[0] + batch_loss, running[1] + int(batch_correct), running[2] + int(batch_seen), running[3] + int(batch_turns_correct)]
             progress.set_postfix(loss=f"{running[0] / running[2]:.3f}", acc=f"{100 * running[1] / running[2]:.1f}")
             if (step + 1) % config.checkpoint_every == 0 and step + 1 < steps_per_epoch:
                 save_last(epoch, step + 1, generator)
         record: dict[str, Any] = {"loss": running[0] / max(running[2], 1), "train_accuracy": 100 * running[1] / max(running[2], 1),
                                   "lr": optimizer.param_groups[0]["lr"], "epoch": epoch + 1}
+        if rotation_head is not None:  # the loss above includes rotation_weight * the rotation task's
+            record["rotation_accuracy"] = 100 * running[3] / max(running[2], 1)
         if (epoch + 1) % pre.val_every == 0 or epoch + 1 == pre.epochs:
             record.update(validate(epoch + 1))
         if epoch + 1 in pre.save_epochs and is_main():  # for meta_train.init_checkpoint=epoch-N
@@ -324,7 +330,8 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
                             {**saved_meta, "epoch": epoch + 1})
         metrics.log("pretrain", epoch + 1, **record)
         val_text = f", val {record['val_accuracy']:.2f} +- {record['val_ci95']:.2f}%" if "val_accuracy" in record else ""
-        log(f"pre-train epoch {epoch + 1}/{pre.epochs}: loss {record['loss']:.3f}, train acc {record['train_accuracy']:.1f}%{val_text}")
+        turns_text = f", rotation acc {record['rotation_accuracy']:.1f}%" if "rotation_accuracy" in record else ""
+        log(f"pre-train epoch {epoch + 1}/{pre.epochs}: loss {record['loss']:.3f}, train acc {record['train_accuracy']:.1f}%{turns_text}{val_text}")
         save_last(epoch + 1, 0, generator)
     metrics.close()
     barrier()  # the other ranks wait until rank 0 has written pretrain/best
