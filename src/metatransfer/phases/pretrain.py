@@ -280,27 +280,23 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
             x = augment_batch(x, kind=config.data.augment, padding=config.data.crop_padding, flip=config.data.hflip,
                               jitter=config.data.color_jitter, generator=generator)
             y = torch.from_numpy(train.labels[index]).to(device)
-            if rotation_head is None:
-                x, y = x[shard], y[shard]  # every rank augmented the whole batch: the same draws as one process
-                with autocast(device, config.amp):
-                    logits = head(backbone(x)).float()
-                loss = F.cross_entropy(logits, y, label_smoothing=pre.label_smoothing)
-            else:  # one forward of the batch and its turned copy: BatchNorm normalises them together
+            if rotation_head is not None:
                 rotated, turns = rotate_batch(x, generator)
-                x, y, rotated, turns = x[shard], y[shard], rotated[shard], turns[shard]
-                both = torch.cat([x, rotated])
-                if config.channels_last:
-                    both = both.contiguous(memory_format=torch.channels_last)
-                with autocast(device, config.amp):
-                    features = backbone(both)
-                    logits, rotation_logits = head(features[: len(x)]).float(), rotation_head(features[len(x) :]).float()
-                loss = F.cross_entropy(logits, y, label_smoothing=pre.label_smoothing)
+                rotated, turns = rotated[shard], turns[shard]
+            x, y = x[shard], y[shard]  # every rank augmented the whole batch: the same draws as one process
+            inputs = x if rotation_head is None else torch.cat([x, rotated])  # one forward: BatchNorm normalises both together
+            with autocast(device, config.amp):
+                features = backbone(inputs)
+                logits = head(features[: len(y)]).float()
+            loss = F.cross_entropy(logits, y, label_smoothing=pre.label_smoothing)
             if teacher is not None:
                 with torch.no_grad(), autocast(device, config.amp):
                     teacher_logits = teacher(x).float()
                 loss = (1 - pre.distill_weight) * loss + pre.distill_weight * distillation_loss(logits, teacher_logits, pre.distill_temperature)
             turns_correct = torch.zeros((), device=device)
             if rotation_head is not None:  # added after distillation's mix: its weight is rotation_weight whatever distill_weight is
+                with autocast(device, config.amp):
+                    rotation_logits = rotation_head(features[len(y) :]).float()
                 loss = loss + pre.rotation_weight * F.cross_entropy(rotation_logits, turns)
                 turns_correct = (rotation_logits.argmax(1) == turns).sum().float()
             batch_loss, batch_correct, batch_seen, batch_turns_correct = all_reduce_sum(torch.stack([
