@@ -184,6 +184,9 @@ def test_absurd_learning_rates_are_refused(override):
     (["pretrain.distill_weight=1.5"], r"distill_weight=1.5 must lie in \[0, 1\]"),
     (["pretrain.distill_temperature=0"], "distill_temperature=0.0 .*be positive"),
     (["pretrain.rotation_weight=-1"], "rotation_weight=-1.0 must be 0"),
+    (["model.drop_block_rate=0.1"], "drop_block_rate=0.1 is a ResNet-12 option; model.backbone='conv4'"),
+    (["model.backbone=resnet12", "model.drop_block_rate=1.0"], r"drop_block_rate=1.0 must lie in \[0, 1\)"),
+    (["model.backbone=resnet12", "model.drop_block_size=0"], "drop_block_size=0 be at least 1"),
     (["pretrain.generations=0"], "generations=0 must be at least 1"),
     (["pretrain.generations=2", "pretrain.distill_from=/some/run"], "only without pretrain.distill_from"),
     (["pretrain.generations=2", "pretrain.epochs=0", "model.init_from=/some/run"], "with pretrain.epochs > 0"),
@@ -195,6 +198,7 @@ def test_settings_that_do_not_work_together_are_refused_before_a_run(overrides, 
         check_config(load_config("smoke", overrides))
     check_config(load_config("smoke", ["base_learner.logits=cosine", "base_learner.fc_init=prototypes",
                                        "pretrain.save_epochs=3", "meta_train.init_checkpoint=epoch-3"]))
+    check_config(load_config("smoke", ["model.backbone=resnet12_wide", "model.drop_block_rate=0.1", "model.drop_block_size=5"]))
 
 
 def test_the_cli_checks_combinations_before_writing_the_run_dir(tmp_path, capsys):

@@ -53,6 +53,8 @@ class ModelConfig:
     backbone: str = "resnet12"  # see `mtl backbones`: conv4, resnet12, resnet12_wide, resnet25
     width: float = 1.0  # channel multiplier, for quick CPU runs
     drop_rate: float = 0.1  # dropout before the features during pre-training (TF code: keep 0.9)
+    drop_block_rate: float = 0.0  # DropBlock after the last two ResNet-12 blocks in pre-training (RFS, MetaOptNet: 0.1); 0 = off
+    drop_block_size: int = 2  # side of the dropped squares (RFS: 2 on 32x32 CIFAR, 5 on 84x84 miniImageNet)
     adapt: str = "ss"  # what meta-transfer learns in the backbone: ss (scale-shift) | ft (all convs)
     ss_mode: str = "kernel"  # scale per (out, in) kernel slice (paper's code) or per out "channel"
     ss_shortcuts: bool = False  # also scale-shift the 1x1 shortcut convs (PyTorch port does)
@@ -358,6 +360,12 @@ def check_config(config: Config) -> None:
     if not 0.0 <= config.pretrain.distill_weight <= 1.0 or config.pretrain.distill_temperature <= 0:
         raise ValueError(f"pretrain.distill_weight={config.pretrain.distill_weight} must lie in [0, 1] and "
                          f"pretrain.distill_temperature={config.pretrain.distill_temperature} be positive.")
+    if config.model.drop_block_rate and config.model.backbone not in ("resnet12", "resnet12_wide"):
+        raise ValueError(f"model.drop_block_rate={config.model.drop_block_rate} is a ResNet-12 option; model.backbone="
+                         f"{config.model.backbone!r} has none: use resnet12 or resnet12_wide, or set model.drop_block_rate=0.")
+    if not 0.0 <= config.model.drop_block_rate < 1.0 or config.model.drop_block_size < 1:
+        raise ValueError(f"model.drop_block_rate={config.model.drop_block_rate} must lie in [0, 1) (0.1 is usual) and "
+                         f"model.drop_block_size={config.model.drop_block_size} be at least 1.")
     if config.pretrain.rotation_weight < 0:
         raise ValueError(f"pretrain.rotation_weight={config.pretrain.rotation_weight} must be 0 (off) or positive (Gidaris et al.: 1.0).")
     if any(shot < 1 for shot in meta.val_shots):

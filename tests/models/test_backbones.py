@@ -10,6 +10,7 @@ from torch import nn
 
 from metatransfer.models.backbones import (
     BACKBONES,
+    DropBlock2d,
     create_backbone,
     list_backbones,
     register_backbone,
@@ -140,3 +141,42 @@ def test_no_warnings_on_import_and_build() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         create_backbone("resnet12", width=0.25)
+
+
+def test_drop_block_drops_squares_at_about_its_rate_and_keeps_the_mean() -> None:
+    """In training: the zeros form 2x2 squares, about `rate` of the positions (overlapping squares
+    make it a little more at the centre, less at the edges), and the kept values are scaled up so
+    the mean is kept; in eval mode it is the identity."""
+    torch.manual_seed(0)
+    drop = DropBlock2d(0.1, 2)
+    x = torch.rand(32, 64, 8, 8) + 1.0  # no zeros of its own
+    out = drop(x)
+    dropped = out == 0
+    assert 0.07 < dropped.float().mean().item() < 0.14
+    # every dropped position lies in a fully dropped 2x2 square: the morphological opening of the
+    # dropped set by a 2x2 square (erode to the squares' corners, dilate back) is the set itself
+    corners = 1.0 - nn.functional.max_pool2d(1.0 - dropped.float(), 2, stride=1)
+    opened = nn.functional.max_pool2d(nn.functional.pad(corners, (1, 1, 1, 1)), 2, stride=1)
+    assert torch.equal(opened, dropped.float())
+    share_kept = 1.0 - dropped.float().mean().item()
+    ratio = out[~dropped] / x[~dropped]
+    torch.testing.assert_close(ratio, torch.full_like(ratio, 1.0 / share_kept))
+    drop.eval()
+    assert drop(x) is x
+
+
+def test_drop_block_follows_the_last_two_resnet12_blocks_only_and_changes_no_checkpoint_key() -> None:
+    plain = _build("resnet12", width=0.25)
+    model = _build("resnet12", width=0.25, drop_block_rate=0.1, drop_block_size=2)
+    rates = [getattr(block.drop_block, "rate", 0.0) for block in model.features]
+    assert rates == [0.0, 0.0, 0.1, 0.1]
+    assert plain.state_dict().keys() == model.state_dict().keys()
+    model.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))
+    with pytest.raises(TypeError):
+        _build("conv4", drop_block_rate=0.1)
+    with pytest.raises(ValueError, match="rate"):
+        DropBlock2d(1.0, 2)

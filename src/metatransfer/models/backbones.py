@@ -10,6 +10,10 @@ Backbones:
         CVPR 2019), and the same with the 64-160-320-640 widths common in later work.
     resnet25: the "ResNet-25" of the MTL PyTorch port (``resnet_mtl.py``): 36.6M parameters.
 
+The ResNet-12s also take ``drop_block_rate``: DropBlock (Ghiasi et al., NeurIPS 2018) after their
+last two blocks, as in MetaOptNet and RFS, a regulariser of pre-training (no parameters, so
+checkpoints are the same with and without it).
+
 Convention the scale-shift code relies on (``scale_shift.apply_scale_shift``): shortcut and
 downsample convs, and only they, have a 1x1 kernel; every other conv is 3x3.
 
@@ -31,6 +35,7 @@ __all__ = [
     "Backbone",
     "BasicBlock",
     "ConvBlock",
+    "DropBlock2d",
     "ResNet12Block",
     "conv4",
     "create_backbone",
@@ -71,6 +76,7 @@ def create_backbone(
     in_chans: int = 3,
     width: float = 1.0,
     drop_rate: float = 0.0,
+    **kwargs: float,
 ) -> "Backbone":
     """Build a registered backbone.
 
@@ -79,6 +85,8 @@ def create_backbone(
         in_chans: number of input image channels (1 for Omniglot, 3 for RGB).
         width: multiplier applied to every channel count (0.5 halves ``out_features``).
         drop_rate: dropout probability on the final features, active in training only.
+        **kwargs: options of one family, passed to its constructor (as timm's ``create_model``):
+            ``drop_block_rate`` and ``drop_block_size`` for the ResNet-12s.
 
     Returns:
         The backbone, mapping (B, in_chans, H, W) images to (B, out_features) features.
@@ -89,7 +97,7 @@ def create_backbone(
     if name not in BACKBONES:
         known = ", ".join(list_backbones())
         raise ValueError(f"unknown backbone {name!r}; known backbones: {known}")
-    return BACKBONES[name](in_chans=in_chans, width=width, drop_rate=drop_rate)
+    return BACKBONES[name](in_chans=in_chans, width=width, drop_rate=drop_rate, **kwargs)
 
 
 # --- blocks: one per architecture family ---------------------------------------------------------
@@ -107,14 +115,47 @@ class ConvBlock(nn.Sequential):
         )
 
 
+class DropBlock2d(nn.Module):
+    """DropBlock (Ghiasi et al. 2018): in training, zero random ``block_size`` squares of each
+    channel's map, about ``rate`` of its positions in all, and rescale the rest to keep the mean.
+
+    Dropout on a conv map is weak (a neighbour carries the same information); dropping contiguous
+    blocks makes the next layers use more of the map. The square shrinks to fit small maps, so on
+    a 2x2 map with ``block_size`` 2 it drops whole channels. Identity in eval mode.
+    """
+
+    def __init__(self, rate: float, block_size: int) -> None:
+        super().__init__()
+        if not 0.0 <= rate < 1.0 or block_size < 1:
+            raise ValueError(f"DropBlock needs a rate in [0, 1) and a block size >= 1, got {rate} and {block_size}")
+        self.rate = rate
+        self.block_size = block_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        height, width = x.shape[-2:]
+        size = min(self.block_size, height, width)
+        # Seeds where a block may start; gamma makes the expected dropped share `rate` (paper, eq. 1).
+        valid = (height - size + 1) * (width - size + 1)
+        gamma = self.rate * height * width / (size * size * valid)
+        seeds = torch.rand(*x.shape[:2], height - size + 1, width - size + 1, device=x.device) < gamma
+        padded = nn.functional.pad(seeds.float(), (size - 1, size - 1, size - 1, size - 1))
+        keep = 1.0 - nn.functional.max_pool2d(padded, size, stride=1)  # each seed covers its size x size block
+        return x * (keep * (keep.numel() / keep.sum().clamp(min=1.0))).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}, block_size={self.block_size}"
+
+
 class ResNet12Block(nn.Module):
     """ResNet-12 block of the MTL TF code: three [3x3 conv (bias), BN, LeakyReLU 0.1].
 
     The last LeakyReLU comes after the residual add; the shortcut is a 1x1 conv with bias and no
-    BN; a 2x2 max-pool ends the block, halving the spatial size.
+    BN; a 2x2 max-pool ends the block, halving the spatial size, then an optional DropBlock.
     """
 
-    def __init__(self, in_chs: int, out_chs: int) -> None:
+    def __init__(self, in_chs: int, out_chs: int, drop_block_rate: float = 0.0, drop_block_size: int = 2) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_chs, out_chs, kernel_size=3, padding=1, bias=True)
         self.bn1 = nn.BatchNorm2d(out_chs)
@@ -125,13 +166,14 @@ class ResNet12Block(nn.Module):
         self.shortcut = nn.Conv2d(in_chs, out_chs, kernel_size=1, bias=True)
         self.act = nn.LeakyReLU(0.1)
         self.pool = nn.MaxPool2d(2)
+        self.drop_block = DropBlock2d(drop_block_rate, drop_block_size) if drop_block_rate else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act(self.bn1(self.conv1(x)))
         out = self.act(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         out = self.act(out + self.shortcut(x))
-        return self.pool(out)
+        return self.drop_block(self.pool(out))
 
 
 class BasicBlock(nn.Module):
@@ -227,12 +269,16 @@ def _conv4(*, widths: Sequence[int], in_chans: int, width: float, drop_rate: flo
     return Backbone(nn.Sequential(*blocks), in_chs, drop_rate)
 
 
-def _resnet12(*, widths: Sequence[int], in_chans: int, width: float, drop_rate: float) -> Backbone:
-    """Stack of ``ResNet12Block``s; needs inputs of at least 2**len(widths) pixels a side."""
+def _resnet12(
+    *, widths: Sequence[int], in_chans: int, width: float, drop_rate: float, drop_block_rate: float, drop_block_size: int
+) -> Backbone:
+    """Stack of ``ResNet12Block``s; needs inputs of at least 2**len(widths) pixels a side.
+    DropBlock, if on, follows the last two blocks (MetaOptNet's and RFS's placement)."""
     _check_args(in_chans, width, drop_rate)
     blocks, in_chs = [], in_chans
-    for chs in widths:
-        blocks.append(ResNet12Block(in_chs, _scaled(chs, width)))
+    for index, chs in enumerate(widths):
+        rate = drop_block_rate if index >= len(widths) - 2 else 0.0
+        blocks.append(ResNet12Block(in_chs, _scaled(chs, width), rate, drop_block_size))
         in_chs = _scaled(chs, width)
     return Backbone(nn.Sequential(*blocks), in_chs, drop_rate)
 
@@ -273,18 +319,24 @@ def conv4(*, in_chans: int = 3, width: float = 1.0, drop_rate: float = 0.0) -> B
 
 
 @register_backbone
-def resnet12(*, in_chans: int = 3, width: float = 1.0, drop_rate: float = 0.0) -> Backbone:
+def resnet12(
+    *, in_chans: int = 3, width: float = 1.0, drop_rate: float = 0.0, drop_block_rate: float = 0.0, drop_block_size: int = 2
+) -> Backbone:
     """ResNet-12 of the MTL paper's TF code, widths 64-128-256-512; 512-d features, ~8.0M params."""
     return _resnet12(
-        widths=(64, 128, 256, 512), in_chans=in_chans, width=width, drop_rate=drop_rate
+        widths=(64, 128, 256, 512), in_chans=in_chans, width=width, drop_rate=drop_rate,
+        drop_block_rate=drop_block_rate, drop_block_size=drop_block_size,
     )
 
 
 @register_backbone
-def resnet12_wide(*, in_chans: int = 3, width: float = 1.0, drop_rate: float = 0.0) -> Backbone:
+def resnet12_wide(
+    *, in_chans: int = 3, width: float = 1.0, drop_rate: float = 0.0, drop_block_rate: float = 0.0, drop_block_size: int = 2
+) -> Backbone:
     """ResNet-12 with widths 64-160-320-640 (MetaOptNet and later); 640-d, ~12.4M params."""
     return _resnet12(
-        widths=(64, 160, 320, 640), in_chans=in_chans, width=width, drop_rate=drop_rate
+        widths=(64, 160, 320, 640), in_chans=in_chans, width=width, drop_rate=drop_rate,
+        drop_block_rate=drop_block_rate, drop_block_size=drop_block_size,
     )
 
 

@@ -74,9 +74,9 @@ def start_phase(config: Config) -> tuple[torch.device, ImageSplit, ImageSplit]:
 
 
 def build_backbone(config: Config, in_chans: int) -> nn.Module:
-    return create_backbone(
-        config.model.backbone, in_chans=in_chans, width=config.model.width, drop_rate=config.model.drop_rate
-    )
+    model = config.model
+    drop_block = {"drop_block_rate": model.drop_block_rate, "drop_block_size": model.drop_block_size} if model.drop_block_rate else {}
+    return create_backbone(model.backbone, in_chans=in_chans, width=model.width, drop_rate=model.drop_rate, **drop_block)
 
 
 def backbone_meta(config: Config, backbone: nn.Module, in_chans: int) -> dict:
