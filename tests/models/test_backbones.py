@@ -163,6 +163,10 @@ def test_drop_block_drops_squares_at_about_its_rate_and_keeps_the_mean() -> None
     torch.testing.assert_close(ratio, torch.full_like(ratio, 1.0 / share_kept))
     drop.eval()
     assert drop(x) is x
+    # where few blocks fit, the paper's correction of the seed rate keeps the dropped share at
+    # `rate`: blocks of 5 on 5x5 maps (one place to start) drop about 10%, not rate / 25
+    big_blocks = DropBlock2d(0.1, 5)(torch.rand(64, 64, 5, 5) + 1.0)
+    assert 0.08 < (big_blocks == 0).float().mean().item() < 0.12
 
 
 def test_drop_block_follows_the_last_two_resnet12_blocks_only_and_changes_no_checkpoint_key() -> None:

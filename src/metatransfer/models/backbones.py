@@ -142,7 +142,7 @@ class DropBlock2d(nn.Module):
         seeds = torch.rand(*x.shape[:2], height - size + 1, width - size + 1, device=x.device) < gamma
         padded = nn.functional.pad(seeds.float(), (size - 1, size - 1, size - 1, size - 1))
         keep = 1.0 - nn.functional.max_pool2d(padded, size, stride=1)  # each seed covers its size x size block
-        return x * (keep * (keep.numel() / keep.sum().clamp(min=1.0))).to(x.dtype)
+        return (x.float() * keep * (keep.numel() / keep.sum().clamp(min=1.0))).to(x.dtype)  # scale in fp32, not bf16
 
     def extra_repr(self) -> str:
         return f"rate={self.rate}, block_size={self.block_size}"
