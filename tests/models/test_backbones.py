@@ -177,7 +177,8 @@ def test_drop_block_follows_the_last_two_resnet12_blocks_only_and_changes_no_che
     assert plain.state_dict().keys() == model.state_dict().keys()
     model.load_state_dict(plain.state_dict())
     x = torch.randn(4, 3, 32, 32)
-    model.eval(), plain.eval()
+    model.eval()
+    plain.eval()
     with torch.no_grad():
         assert torch.equal(model(x), plain(x))
     with pytest.raises(TypeError):

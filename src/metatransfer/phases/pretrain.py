@@ -288,6 +288,8 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
             with autocast(device, config.amp):
                 features = backbone(inputs)
                 logits = head(features[: len(y)]).float()
+                if rotation_head is not None:
+                    rotation_logits = rotation_head(features[len(y) :]).float()
             loss = F.cross_entropy(logits, y, label_smoothing=pre.label_smoothing)
             if teacher is not None:
                 with torch.no_grad(), autocast(device, config.amp):
@@ -295,8 +297,6 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
                 loss = (1 - pre.distill_weight) * loss + pre.distill_weight * distillation_loss(logits, teacher_logits, pre.distill_temperature)
             turns_correct = torch.zeros((), device=device)
             if rotation_head is not None:  # added after distillation's mix: its weight is rotation_weight whatever distill_weight is
-                with autocast(device, config.amp):
-                    rotation_logits = rotation_head(features[len(y) :]).float()
                 loss = loss + pre.rotation_weight * F.cross_entropy(rotation_logits, turns)
                 turns_correct = (rotation_logits.argmax(1) == turns).sum().float()
             batch_loss, batch_correct, batch_seen, batch_turns_correct = all_reduce_sum(torch.stack([
