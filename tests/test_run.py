@@ -26,6 +26,8 @@ from metatransfer.run import (
     optimizer_to_tensors,
     prepare_run_dir,
     read_run_config,
+    restore_rng_state,
+    rng_state_tensors,
     save_checkpoint,
     write_json,
 )
@@ -111,6 +113,24 @@ def test_adam_state_round_trip_gives_an_identical_next_step(tmp_path):
     assert fresh_optimizer.param_groups[1]["lr"] == 3e-3
     assert tuple(fresh_optimizer.param_groups[0]["betas"]) == (0.8, 0.95)
 
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))]
+
+
+@pytest.mark.parametrize("device_name", DEVICES)
+def test_random_streams_saved_in_a_checkpoint_draw_the_same_masks_after_restore(tmp_path, device_name):
+    """Dropout draws from the device's own stream on CUDA: a resumed run needs it back, not only the CPU's."""
+    device = torch.device(device_name)
+    torch.manual_seed(0)
+    torch.rand(3)  # move the streams off their seeded start
+    save_checkpoint(tmp_path / "last", rng_state_tensors(device), {})
+    masks = [torch.nn.functional.dropout(torch.ones(64, device=device), 0.5) for _ in range(2)]
+    torch.manual_seed(1)  # what a fresh process does before it resumes
+    tensors, _ = load_checkpoint(tmp_path / "last")
+    assert set(tensors) == ({"rng.torch", "rng.cuda"} if device.type == "cuda" else {"rng.torch"})
+    restore_rng_state(tensors, device)
+    assert all(torch.equal(m, torch.nn.functional.dropout(torch.ones(64, device=device), 0.5)) for m in masks)
 
 def test_flipped_bytes_in_tensors_file_are_reported_as_corrupt(tmp_path):
     stem = tmp_path / "best"

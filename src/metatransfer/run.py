@@ -394,6 +394,24 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def rng_state_tensors(device: torch.device) -> dict[str, torch.Tensor]:
+    """The global torch random streams a checkpoint must carry for a resumed run to draw as an
+    uninterrupted one: the CPU's, and on CUDA the device's own, from which dropout and DropBlock
+    draw there (the CPU stream alone leaves a resumed GPU run on fresh masks)."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return tensors
+
+
+def restore_rng_state(tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Inverse of `rng_state_tensors`. A CUDA stream is restored only on CUDA: a GPU run resumed on a
+    CPU (or a checkpoint from before the CUDA stream was saved) continues from the CPU stream alone."""
+    torch.set_rng_state(tensors["rng.torch"])
+    if device.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -38,7 +38,7 @@ from metatransfer.phases.meta_test import evaluate_split
 from metatransfer.progress import progress_bar
 from metatransfer.run import (
     MetricsLog, checkpoint_exists, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
-    save_checkpoint, tensors_under, write_json,
+    restore_rng_state, rng_state_tensors, save_checkpoint, tensors_under, write_json,
 )
 
 __all__ = ["prepare_meta_model", "meta_batch_loss", "run"]
@@ -180,7 +180,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         if not is_main():
             return
         optim_tensors, optim_meta = optimizer_to_tensors(optimizer, "optimizer")
-        save_checkpoint(last_stem, {**model_tensors(), **optim_tensors, "rng.torch": torch.get_rng_state()}, {
+        save_checkpoint(last_stem, {**model_tensors(), **optim_tensors, **rng_state_tensors(device)}, {
             **model_meta, "iteration": iteration, "best_accuracy": best_accuracy, "best_by_shot": {str(k): v for k, v in best_by_shot.items()},
             "optimizer": optim_meta,
             "sampler": sampler.state_dict(), "hard_tasks": hard.state_dict(), "window": window, "losses": losses,
@@ -201,7 +201,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
             if "head.temperature" in tensors:  # runs from before the base-learner options have none
                 head_temperature.copy_(tensors["head.temperature"])
         optimizer_from_tensors(optimizer, tensors, saved["optimizer"], "optimizer")
-        torch.set_rng_state(tensors["rng.torch"])
+        restore_rng_state(tensors, device)
         sampler.load_state_dict(saved["sampler"])
         hard.load_state_dict(saved["hard_tasks"])
         start, best_accuracy = saved["iteration"], saved["best_accuracy"]

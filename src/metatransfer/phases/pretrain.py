@@ -33,7 +33,7 @@ from metatransfer.phases.meta_test import evaluate_split
 from metatransfer.progress import progress_bar
 from metatransfer.run import (
     MetricsLog, autocast, checkpoint_exists, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
-    prepare_run_dir, read_run_config, save_checkpoint, tensors_under, write_json,
+    prepare_run_dir, read_run_config, restore_rng_state, rng_state_tensors, save_checkpoint, tensors_under, write_json,
 )
 from metatransfer.transfer import load_init_backbone
 
@@ -201,7 +201,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
             **{f"backbone.{k}": v for k, v in backbone.state_dict().items()},
             **{f"head.{k}": v for k, v in head.state_dict().items()},
             **({f"rotation_head.{k}": v for k, v in rotation_head.state_dict().items()} if rotation_head else {}),
-            **optim_tensors, "rng.torch": torch.get_rng_state(), "rng.augment": generator.get_state(),
+            **optim_tensors, **rng_state_tensors(device), "rng.augment": generator.get_state(),
         }
         save_checkpoint(last_stem, tensors, {**saved_meta, "epoch": epoch, "step": step, "best_accuracy": best_accuracy,
                                              "optimizer": optim_meta, "running": running if step else [0.0, 0, 0, 0],
@@ -214,7 +214,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         if rotation_head is not None:
             rotation_head.load_state_dict(tensors_under(tensors, "rotation_head"))
         optimizer_from_tensors(optimizer, tensors, saved["optimizer"], "optimizer")
-        torch.set_rng_state(tensors["rng.torch"])
+        restore_rng_state(tensors, device)
         generator_state = tensors["rng.augment"]
         start_epoch, start_step, best_accuracy = saved["epoch"], saved["step"], saved["best_accuracy"]
         running = [*saved.get("running", running), 0, 0, 0, 0][:4]  # checkpoints before rotation_weight kept three
