@@ -114,7 +114,6 @@ def test_adam_state_round_trip_gives_an_identical_next_step(tmp_path):
     assert tuple(fresh_optimizer.param_groups[0]["betas"]) == (0.8, 0.95)
 
 
-
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))]
 
 
@@ -131,6 +130,7 @@ def test_random_streams_saved_in_a_checkpoint_draw_the_same_masks_after_restore(
     assert set(tensors) == ({"rng.torch", "rng.cuda"} if device.type == "cuda" else {"rng.torch"})
     restore_rng_state(tensors, device)
     assert all(torch.equal(m, torch.nn.functional.dropout(torch.ones(64, device=device), 0.5)) for m in masks)
+
 
 def test_flipped_bytes_in_tensors_file_are_reported_as_corrupt(tmp_path):
     stem = tmp_path / "best"
