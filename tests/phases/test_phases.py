@@ -440,6 +440,15 @@ def test_generations_pre_train_their_teachers_within_the_run(smoke_run, fc100_sm
         assert all(weights[made][k].equal(weights[by_hand][k]) for k in weights[by_hand] if k.startswith(("backbone.", "head.")))
     assert not weights["born"]["backbone.features.0.0.weight"].equal(weights["born-1"]["backbone.features.0.0.weight"])
     assert "pre-train generation 2 of 2" in capsys.readouterr().out
+    last_json = lambda run_dir: json.loads((run_dir / "pretrain" / "last.json").read_text())  # noqa: E731
+    config = lambda *overrides: load_config("smoke", [f"data.root={fc100_small[0]}", f"data.name={fc100_small[1]}", *overrides])  # noqa: E731
+    saved = last_json(born)  # its config.yaml says only generations=2; the checkpoint names the last teacher
+    assert saved["teacher_sha256"] == last_json(born / "generations" / "1")["sha256"]
+    same_teacher = pretrain.teach_generations(config("pretrain.generations=2", *student), born, log=_quiet)
+    pretrain.check_same_teacher(saved, same_teacher, born / "pretrain" / "last")  # would resume
+    other_teacher = pretrain.resolve_teacher(config(f"pretrain.distill_from={smoke_run}"))
+    with pytest.raises(ValueError, match="started with a teacher whose pretrain/last had checksum"):
+        pretrain.check_same_teacher(saved, other_teacher, born / "pretrain" / "last")
     generation_files = _files(born / "generations" / "1")
     assert main(["pretrain", "--resume", str(born)]) == 0
     resumed = capsys.readouterr().out

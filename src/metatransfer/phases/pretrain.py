@@ -37,7 +37,7 @@ from metatransfer.run import (
 )
 from metatransfer.transfer import load_init_backbone
 
-__all__ = ["learning_rate", "resolve_teacher", "load_teacher", "distillation_loss", "rotate_batch", "teach_generations", "run"]
+__all__ = ["learning_rate", "resolve_teacher", "load_teacher", "check_same_teacher", "distillation_loss", "rotate_batch", "teach_generations", "run"]
 
 
 def learning_rate(config: Config, epoch: int, step: int, steps_per_epoch: int) -> float:
@@ -139,13 +139,30 @@ def rotate_batch(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Ten
     return rotated, turns.to(x.device)
 
 
+def check_same_teacher(saved: dict[str, Any], config: Config, checkpoint: Path) -> None:
+    """A resumed pre-training must be taught by the teacher it started with. config.yaml pins a
+    `pretrain.distill_from` teacher's checksum, but in a `pretrain.generations` run the last
+    generation's teacher is resolved afresh at each start; the checksum saved in the checkpoint
+    catches a teacher that was re-trained in between. Checkpoints from before it have none.
+
+    Raises:
+        ValueError: the checkpoint was taught by a teacher with another checksum.
+    """
+    started_with = saved.get("teacher_sha256")
+    if started_with and started_with != config.pretrain.distill_sha256:
+        raise ValueError(f"{checkpoint}: this pre-training started with a teacher whose pretrain/last had checksum {started_with[:12]}..., "
+                         f"but {config.pretrain.distill_from or 'no teacher'} now has {config.pretrain.distill_sha256[:12] or 'none'}; "
+                         "restore that teacher, or start a new run.")
+
+
 def teach_generations(config: Config, run_dir: Path, log=print) -> Config:
     """Pre-train generations 1 .. G-1 of `pretrain.generations=G`, each in `RUN/generations/g` and taught
     by the one before, exactly as `mtl pretrain --out GEN_g pretrain.distill_from=GEN_(g-1)` would (same
     seed, so same draws); returns the config of this run's own pre-training, the last generation:
     one generation, taught by generation G-1. A finished generation is kept, so a resumed run goes on
     where it stopped. The teachers live inside the run directory; each generation's config.yaml pins
-    its own teacher's checksum, while the run's config.yaml records only `generations`."""
+    its own teacher's checksum, and the run's pretrain checkpoints record the last teacher's
+    (`teacher_sha256`), since its config.yaml records only `generations`."""
     teacher = ""
     for generation in range(1, config.pretrain.generations):
         generation_dir = run_dir / "generations" / str(generation)
@@ -185,8 +202,9 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         raise ValueError(f"The train split has {len(train.labels)} images, fewer than one batch of {pre.batch_size}; lower pretrain.batch_size.")
     shard = rank_slice(pre.batch_size, "pretrain.batch_size")  # this rank's part of each global batch
     model_meta = {**backbone_meta(config, backbone, in_chans), "num_classes": train.num_classes, "dataset": config.data.name}
-    saved_meta = {**model_meta, "init_from": config.model.init_from, "init_sha256": config.model.init_sha256}  # recorded, not checked:
-    # runs from before --init-from have no such keys and must still resume
+    # init_*: recorded, not checked (runs from before --init-from have no such keys and must still resume);
+    # teacher_sha256: checked when a run resumes (check_same_teacher)
+    saved_meta = {**model_meta, "init_from": config.model.init_from, "init_sha256": config.model.init_sha256, "teacher_sha256": pre.distill_sha256}
     metrics = MetricsLog(run_dir, enabled=is_main(), name="pretrain")
     last_stem, best_stem = run_dir / "pretrain" / "last", run_dir / "pretrain" / "best"
     start_epoch, start_step, best_accuracy = 0, 0, -1.0
@@ -222,6 +240,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
             log(f"pre-train already complete in {run_dir} (best val {best_accuracy:.2f}%).")
             barrier()
             return {"best_val_accuracy": best_accuracy}
+        check_same_teacher(saved, config, last_stem)  # finished runs, above, need no teacher
         log(f"resuming pre-train at epoch {start_epoch}, step {start_step}")
     elif config.model.init_from:  # transfer: start from another run's or bundle's backbone
         provenance = load_init_backbone(config, backbone, in_chans, train.std)
