@@ -30,7 +30,8 @@ def read_run(run_dir: Path) -> dict:
     if not val:
         raise ValueError(f"{run_dir}/metrics.jsonl has no meta-train validation: is the run meta-trained?")
     best = max(val, key=lambda r: (r["accuracy"], -r["step"]))  # ties go to the earlier iteration, as the run keeps it
-    start_time = next(r["time"] for r in records if r["phase"] in ("pretrain", "meta_train_val"))
+    # meta-training starts where pre-training ends: a run pre-trained from scratch logs an epoch per record
+    start_time = max((r["time"] for r in records if r["phase"] == "pretrain"), default=val[0]["time"])
     results = json.loads((run_dir / "results.json").read_text())
     config_path = run_dir / "config.yaml"
     config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}

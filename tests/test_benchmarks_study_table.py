@@ -35,6 +35,14 @@ def test_rows_pick_the_earliest_best_validation_and_average_seeds(tmp_path: Path
     assert mean[0] == "**cosine** (mean of 2)" and mean[2] == "35.75" and mean[4] == "+0.40"
 
 
+def test_the_time_of_a_run_pre_trained_from_scratch_counts_meta_training_only(tmp_path: Path) -> None:
+    run_dir = _fake_run(tmp_path / "scratch", [35.0, 36.0], gain=0.1)
+    epochs = [{"phase": "pretrain", "step": epoch, "time": time} for epoch, time in ((2, 10.0), (4, 50.0))]  # two logged epochs
+    records = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in epochs) + "\n".join(records[1:]) + "\n")
+    assert study_table.read_run(run_dir)["seconds"] == 160.0 - 50.0  # from the last epoch to the last validation
+
+
 def test_seeds_are_averaged_within_one_study_folder_only(tmp_path: Path) -> None:
     runs = [study_table.read_run(_fake_run(tmp_path / study / name, [35.0, 36.0], gain=0.5))
             for study, name in (("a", "cosine"), ("a", "cosine-seed1"), ("b", "cosine"))]
