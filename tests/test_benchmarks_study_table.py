@@ -12,9 +12,10 @@ study_table = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(study_table)
 
 
-def _fake_run(run_dir: Path, val: list[float], gain: float) -> Path:
+def _fake_run(run_dir: Path, val: list[float], gain: float, pretrain_times: tuple[float, ...] = (100.0,)) -> Path:
+    """A finished run; `pretrain_times` are its pre-training records (one for --init-from, one per logged epoch from scratch)."""
     run_dir.mkdir(parents=True)
-    records = [{"phase": "pretrain", "step": 0, "time": 100.0}]
+    records = [{"phase": "pretrain", "step": 2 * i, "time": time} for i, time in enumerate(pretrain_times)]
     records += [{"phase": "meta_train_val", "step": 100 * i, "time": 110.0 + 50 * i, "accuracy": a, "ci95": 1.0} for i, a in enumerate(val)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     results = [{"way": 5, "shot": shot, "protocol": "standard", "checkpoint": "best", "accuracy": 40.0 + gain,
@@ -36,10 +37,7 @@ def test_rows_pick_the_earliest_best_validation_and_average_seeds(tmp_path: Path
 
 
 def test_the_time_of_a_run_pre_trained_from_scratch_counts_meta_training_only(tmp_path: Path) -> None:
-    run_dir = _fake_run(tmp_path / "scratch", [35.0, 36.0], gain=0.1)
-    epochs = [{"phase": "pretrain", "step": epoch, "time": time} for epoch, time in ((2, 10.0), (4, 50.0))]  # two logged epochs
-    records = (run_dir / "metrics.jsonl").read_text().splitlines()
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in epochs) + "\n".join(records[1:]) + "\n")
+    run_dir = _fake_run(tmp_path / "scratch", [35.0, 36.0], gain=0.1, pretrain_times=(10.0, 50.0))  # two logged epochs
     assert study_table.read_run(run_dir)["seconds"] == 160.0 - 50.0  # from the last epoch to the last validation
 
 
