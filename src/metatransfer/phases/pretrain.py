@@ -37,7 +37,7 @@ from metatransfer.run import (
 )
 from metatransfer.transfer import load_init_backbone
 
-__all__ = ["learning_rate", "resolve_teacher", "load_teacher", "check_same_teacher", "distillation_loss", "rotate_batch", "teach_generations", "run"]
+__all__ = ["learning_rate", "resolve_teacher", "load_teacher", "distillation_loss", "rotate_batch", "teach_generations", "run"]
 
 
 def learning_rate(config: Config, epoch: int, step: int, steps_per_epoch: int) -> float:
@@ -76,8 +76,8 @@ def _checked_teacher(config: Config, teacher_dir: Path) -> tuple[Config, dict[st
         raise ValueError(f"{where} normalised its inputs otherwise (data.mean/std {teacher_config.data.mean}/{teacher_config.data.std}); "
                          "give this run the same data.mean and data.std, or another teacher.")
     if config.pretrain.distill_sha256 and meta["sha256"] != config.pretrain.distill_sha256:
-        raise ValueError(f"{where}: its pretrain/last changed since this run started (checksum differs from pretrain.distill_sha256); "
-                         "restore it, or start a new run.")
+        raise ValueError(f"{where}: its pretrain/last changed since this run started (checksum {meta['sha256'][:12]}..., "
+                         f"the run started with {config.pretrain.distill_sha256[:12]}...); restore it, or start a new run.")
     return teacher_config, meta
 
 
@@ -139,22 +139,6 @@ def rotate_batch(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Ten
     return rotated, turns.to(x.device)
 
 
-def check_same_teacher(saved: dict[str, Any], config: Config, checkpoint: Path) -> None:
-    """A resumed pre-training must be taught by the teacher it started with. config.yaml pins a
-    `pretrain.distill_from` teacher's checksum, but in a `pretrain.generations` run the last
-    generation's teacher is resolved afresh at each start; the checksum saved in the checkpoint
-    catches a teacher that was re-trained in between. Checkpoints from before it have none.
-
-    Raises:
-        ValueError: the checkpoint was taught by a teacher with another checksum.
-    """
-    started_with = saved.get("teacher_sha256")
-    if started_with and started_with != config.pretrain.distill_sha256:
-        raise ValueError(f"{checkpoint}: this pre-training started with a teacher whose pretrain/last had checksum {started_with[:12]}..., "
-                         f"but {config.pretrain.distill_from or 'no teacher'} now has {config.pretrain.distill_sha256[:12] or 'none'}; "
-                         "restore that teacher, or start a new run.")
-
-
 def teach_generations(config: Config, run_dir: Path, log=print) -> Config:
     """Pre-train generations 1 .. G-1 of `pretrain.generations=G`, each in `RUN/generations/g` and taught
     by the one before, exactly as `mtl pretrain --out GEN_g pretrain.distill_from=GEN_(g-1)` would (same
@@ -162,7 +146,7 @@ def teach_generations(config: Config, run_dir: Path, log=print) -> Config:
     one generation, taught by generation G-1. A finished generation is kept, so a resumed run goes on
     where it stopped. The teachers live inside the run directory; each generation's config.yaml pins
     its own teacher's checksum, and the run's pretrain checkpoints record the last teacher's
-    (`teacher_sha256`), since its config.yaml records only `generations`."""
+    (`teacher_sha256`), since its config.yaml records only `generations`: a resumed run pins it again."""
     teacher = ""
     for generation in range(1, config.pretrain.generations):
         generation_dir = run_dir / "generations" / str(generation)
@@ -203,7 +187,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     shard = rank_slice(pre.batch_size, "pretrain.batch_size")  # this rank's part of each global batch
     model_meta = {**backbone_meta(config, backbone, in_chans), "num_classes": train.num_classes, "dataset": config.data.name}
     # init_*: recorded, not checked (runs from before --init-from have no such keys and must still resume);
-    # teacher_sha256: checked when a run resumes (check_same_teacher)
+    # teacher_sha256: pinned again when a run resumes, and checked where the teacher loads
     saved_meta = {**model_meta, "init_from": config.model.init_from, "init_sha256": config.model.init_sha256, "teacher_sha256": pre.distill_sha256}
     metrics = MetricsLog(run_dir, enabled=is_main(), name="pretrain")
     last_stem, best_stem = run_dir / "pretrain" / "last", run_dir / "pretrain" / "best"
@@ -240,7 +224,9 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
             log(f"pre-train already complete in {run_dir} (best val {best_accuracy:.2f}%).")
             barrier()
             return {"best_val_accuracy": best_accuracy}
-        check_same_teacher(saved, config, last_stem)  # finished runs, above, need no teacher
+        if saved.get("teacher_sha256"):  # taught by the teacher it started with: load_teacher checks this pin (finished runs, above, need none)
+            config = dataclasses.replace(config, pretrain=dataclasses.replace(pre, distill_sha256=saved["teacher_sha256"]))
+            pre = config.pretrain
         log(f"resuming pre-train at epoch {start_epoch}, step {start_step}")
     elif config.model.init_from:  # transfer: start from another run's or bundle's backbone
         provenance = load_init_backbone(config, backbone, in_chans, train.std)
