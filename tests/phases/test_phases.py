@@ -23,7 +23,7 @@ from metatransfer.config import check_config, load_config
 from metatransfer.data.augment import to_float
 from metatransfer.data.cache import load_split
 from metatransfer.phases import meta_test, meta_train, pretrain
-from metatransfer.run import load_checkpoint, prepare_run_dir
+from metatransfer.run import load_checkpoint, prepare_run_dir, save_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -457,7 +457,6 @@ def test_a_resumed_generation_is_taught_by_the_teacher_it_started_with(fc100_sma
     """config.yaml pins no checksum for the last generation's teacher (it records only `generations`), so
     the checkpoint's does: a teacher re-trained while the run was stopped is refused, the same one resumes."""
     born = tmp_path / "born"
-    save_checkpoint = pretrain.save_checkpoint
 
     def stop_after_the_first_epoch(stem, tensors, meta):
         save_checkpoint(stem, tensors, meta)
