@@ -1,6 +1,7 @@
 """Runs on VALIDATION episodes that none of them used (seed 778; pre-training validated on
 meta_test.seed=1, meta-training on meta_train.val_seed=2): each run's pre-trained start and, where it
-meta-trained, its meta-trained model, paired per episode against the FIRST run given.
+meta-trained, its meta-trained model, paired per episode against the FIRST run given (whose own
+scores print first, so one run alone prints its scores).
 Scores are cached per run in RUN/val778-<episodes>.json, so a baseline is scored once.
 Usage: python val_compare.py BASELINE RUN [RUN ...] [--episodes N]"""
 import argparse
@@ -41,6 +42,9 @@ def scores_of(run: Path) -> dict:
 
 baseline, *others = args.runs
 base = scores_of(baseline)
+for what in [w for w in ("start", "model") if w in base]:  # the baseline's own scores, so one run alone prints something
+    for row in base[what]:
+        print(f"{baseline.name}, val 5-way {row['shot']}-shot {what}: {row['accuracy']:.2f} +- {row['ci95']:.2f} ({args.episodes} episodes)", flush=True)
 for run in others:
     scores = scores_of(run)
     for what in [w for w in ("start", "model") if w in scores and w in base]:
