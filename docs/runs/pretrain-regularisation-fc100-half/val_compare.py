@@ -42,8 +42,8 @@ def scores_of(run: Path) -> dict:
 
 baseline, *others = args.runs
 base = scores_of(baseline)
-for what in [w for w in ("start", "model") if w in base]:  # the baseline's own scores, so one run alone prints something
-    for row in base[what]:
+for what in ("start", "model"):  # the baseline's own scores first, so one run alone prints something
+    for row in base.get(what, []):
         print(f"{baseline.name}, val 5-way {row['shot']}-shot {what}: {row['accuracy']:.2f} +- {row['ci95']:.2f} ({args.episodes} episodes)", flush=True)
 for run in others:
     scores = scores_of(run)
