@@ -481,6 +481,36 @@ def test_a_resumed_generation_is_taught_by_the_teacher_it_started_with(fc100_sma
     assert json.loads((born / "pretrain" / "last.json").read_text())["complete"]
 
 
+def test_a_resumed_run_keeps_the_teacher_it_started_with_or_none(smoke_run, fc100_small, tmp_path, monkeypatch, capsys):
+    """A config.yaml edited between stop and resume must not add or drop the teacher mid-run: the
+    checkpoint's pin says which loss the epochs so far were trained with, and the resume is refused."""
+
+    def stop_after_the_first_epoch(stem, tensors, meta):
+        save_checkpoint(stem, tensors, meta)
+        if stem.name == "last" and meta["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    edits = {"taught": (f"pretrain.distill_from={smoke_run}", ""), "plain": ("seed=0", str(smoke_run))}
+    for name, (override, edited) in edits.items():
+        run_dir = tmp_path / name
+        monkeypatch.setattr(pretrain, "save_checkpoint", stop_after_the_first_epoch)
+        assert main(["pretrain", *_run_args(fc100_small, run_dir, override, "pretrain.epochs=2")]) == 130  # interrupted
+        monkeypatch.undo()
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        written = (run_dir / "config.yaml").read_text()
+        (run_dir / "config.yaml").write_text(yaml.safe_dump({**saved, "pretrain": {**saved["pretrain"], "distill_from": edited}}))
+        before = _files(run_dir)
+        capsys.readouterr()
+        assert main(["pretrain", "--resume", str(run_dir)]) == 2
+        error = capsys.readouterr().err
+        assert f"{run_dir / 'pretrain' / 'last'}.json was pre-trained" in error and "restore" in error
+        assert ("with the teacher" if name == "taught" else "without a teacher") in error
+        assert _files(run_dir) == before  # refused before anything is written
+        (run_dir / "config.yaml").write_text(written)
+        assert main(["pretrain", "--resume", str(run_dir)]) == 0
+        assert json.loads((run_dir / "pretrain" / "last.json").read_text())["complete"]
+
+
 def test_a_teacher_must_have_finished_pre_training_on_the_same_classes(smoke_run, fc100_small, tmp_path, capsys):
     other_classes = tmp_path / "held-out"
     assert main(["pretrain", *_run_args(fc100_small, other_classes, "pretrain.held_out_classes=12")]) == 0
