@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -222,7 +223,9 @@ def bundle_backbone(export_dir: Path, bundle: dict[str, Any]) -> nn.Module | Cal
     if bundle["format"] == "onnx":
         return OnnxBackbone(path)
     if bundle["format"] == "torchscript":
-        return torch.jit.load(str(path), map_location="cpu").eval()
+        with warnings.catch_warnings():  # as when it was written: the user chose TorchScript, deprecated in torch
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load. is deprecated", category=DeprecationWarning)
+            return torch.jit.load(str(path), map_location="cpu").eval()
     backbone = create_backbone(spec["name"], in_chans=spec["in_chans"], width=spec["width"], drop_rate=0.0)
     state = load_file(str(path))
     _add_folded_biases(backbone, state)
