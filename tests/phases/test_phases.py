@@ -496,8 +496,8 @@ def test_a_resumed_run_keeps_the_teacher_it_started_with_or_none(smoke_run, fc10
         monkeypatch.setattr(pretrain, "save_checkpoint", stop_after_the_first_epoch)
         assert main(["pretrain", *_run_args(fc100_small, run_dir, override, "pretrain.epochs=2")]) == 130  # interrupted
         monkeypatch.undo()
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
         written = (run_dir / "config.yaml").read_text()
+        saved = yaml.safe_load(written)
         (run_dir / "config.yaml").write_text(yaml.safe_dump({**saved, "pretrain": {**saved["pretrain"], "distill_from": edited}}))
         before = _files(run_dir)
         capsys.readouterr()

@@ -224,13 +224,14 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
             log(f"pre-train already complete in {run_dir} (best val {best_accuracy:.2f}%).")
             barrier()
             return {"best_val_accuracy": best_accuracy}
-        if bool(saved.get("teacher_sha256")) != bool(pre.distill_from):  # a hand-edited config.yaml would switch the loss mid-run
-            taught = "with the teacher its config named" if saved.get("teacher_sha256") else "without a teacher"
+        pinned = saved.get("teacher_sha256", "")  # the teacher the epochs so far were taught by ("" = none)
+        if bool(pinned) != bool(pre.distill_from):  # a hand-edited config.yaml would switch the loss mid-run
+            taught = "with the teacher its config named" if pinned else "without a teacher"
             raise ValueError(f"{last_stem}.json was pre-trained {taught}, but the config now names "
                              f"pretrain.distill_from={pre.distill_from!r}; restore {run_dir / 'config.yaml'} as the run wrote it, "
                              "or start a new run with --out.")
-        if saved.get("teacher_sha256"):  # taught by the teacher it started with: load_teacher checks this pin (finished runs, above, need none)
-            config = dataclasses.replace(config, pretrain=dataclasses.replace(pre, distill_sha256=saved["teacher_sha256"]))
+        if pinned:  # taught by the teacher it started with: load_teacher checks this pin (finished runs, above, need none)
+            config = dataclasses.replace(config, pretrain=dataclasses.replace(pre, distill_sha256=pinned))
             pre = config.pretrain
         log(f"resuming pre-train at epoch {start_epoch}, step {start_step}")
     elif config.model.init_from:  # transfer: start from another run's or bundle's backbone
