@@ -184,6 +184,7 @@ def test_absurd_learning_rates_are_refused(override):
     (["pretrain.distill_weight=1.5"], r"distill_weight=1.5 must lie in \[0, 1\]"),
     (["pretrain.distill_temperature=0"], "distill_temperature=0.0 .*be positive"),
     (["pretrain.rotation_weight=-1"], "rotation_weight=-1.0 must be 0"),
+    (["model.shift_views=-2"], "model.shift_views=-2 is a number of pixels"),
     (["model.drop_block_rate=0.1"], "drop_block_rate=0.1 is a ResNet-12 option; model.backbone='conv4'"),
     (["model.backbone=resnet12", "model.drop_block_rate=1.0"], r"drop_block_rate=1.0 must lie in \[0, 1\)"),
     (["model.backbone=resnet12", "model.drop_block_size=0"], "drop_block_size=0 be at least 1"),

@@ -148,16 +148,19 @@ def test_damaged_bundle_is_reported(bundles, tmp_path):
         FewShotClassifier.from_export(damaged)
 
 
-def test_a_bundle_of_format_1_loads_without_the_flip_and_an_unknown_format_is_refused(bundles, tmp_path):
+def test_bundles_of_formats_1_and_2_load_without_the_flip_or_shifts_and_an_unknown_format_is_refused(bundles, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(bundles["safetensors"], old)
     bundle = json.loads((old / BUNDLE_FILE).read_text())
-    assert bundle["format_version"] == 2 and bundle["flip_average"] is False
+    assert bundle["format_version"] == 3 and bundle["flip_average"] is False and bundle["shift_views"] == 0
+    del bundle["shift_views"]
+    (old / BUNDLE_FILE).write_text(json.dumps({**bundle, "format_version": 2}))
+    assert FewShotClassifier.from_export(old).shift_views == 0
     del bundle["flip_average"]
     (old / BUNDLE_FILE).write_text(json.dumps({**bundle, "format_version": 1}))
     assert FewShotClassifier.from_export(old).flip_average is False
-    (old / BUNDLE_FILE).write_text(json.dumps({**bundle, "format_version": 3}))
-    with pytest.raises(ValueError, match="format_version 3.*export the model again, or update metatransfer"):
+    (old / BUNDLE_FILE).write_text(json.dumps({**bundle, "format_version": 4}))
+    with pytest.raises(ValueError, match="format_version 4.*export the model again, or update metatransfer"):
         FewShotClassifier.from_export(old)
 
 
@@ -230,3 +233,21 @@ def test_a_test_time_flip_model_carries_it_into_its_bundle(smoke_run, fc100_fold
         mirrored = np.ascontiguousarray(queries[:, :, ::-1])
         same = np.allclose(model.predict_proba(queries), model.predict_proba(mirrored), atol=1e-5)
         assert same == flip_average, source
+
+
+def test_a_test_time_shift_model_carries_it_into_its_bundle(smoke_run, fc100_folders, tmp_path):  # noqa: F811
+    """model.shift_views reaches `mtl predict`, the API and the bundle, which all predict alike."""
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    text = (run / "config.yaml").read_text()
+    assert "shift_views: 0" in text
+    (run / "config.yaml").write_text(text.replace("shift_views: 0", "shift_views: 2"))
+    bundle = export_run(run, tmp_path / "bundle", "safetensors", log=lambda _: None)
+    assert json.loads((bundle / BUNDLE_FILE).read_text())["shift_views"] == 2
+    assert "shift_views=2" in repr(FewShotClassifier.from_export(bundle))
+    assert "shifted by 2 pixels" in (bundle / "MODEL_CARD.md").read_text()
+    expected = _predictions(run, fc100_folders, tmp_path)
+    got = _predictions(bundle, fc100_folders, tmp_path)
+    assert [label for label, _ in got] == [label for label, _ in expected]
+    assert max(abs(p - q) for (_, p), (_, q) in zip(got, expected)) < 1e-4
+    assert expected != _predictions(smoke_run, fc100_folders, tmp_path)  # the shifts changed the probabilities

@@ -36,7 +36,7 @@ from metatransfer.data._decode import RESAMPLE
 from metatransfer.data.augment import to_float
 from metatransfer.loading import BUNDLE_FILE, Preprocessing, load_bundle_parts, load_run_parts
 from metatransfer.models.head import BaseLearner
-from metatransfer.phases.features import batch_statistics, embed
+from metatransfer.phases.features import batch_statistics, embed, shift_offsets
 
 __all__ = ["ImageLike", "Preprocessing", "load_image", "load_images", "FewShotClassifier"]
 
@@ -138,6 +138,8 @@ class FewShotClassifier:
             normalised by their own statistics, the transductive mode of the TF code).
         flip_average: each image's feature is the mean of its own and its mirror image's (the run's
             `model.flip_average`), as validation and meta-test scored the model.
+        shift_views: also averaged over copies shifted by this many pixels (the run's
+            `model.shift_views`), as meta-test scored the model; 0 = off.
         info: plain values describing the model (source, dataset, ...), for summaries.
     """
 
@@ -153,6 +155,7 @@ class FewShotClassifier:
         device: str | torch.device = "cpu",
         bn_mode: str = "frozen",
         flip_average: bool = False,
+        shift_views: int = 0,
         info: dict[str, Any] | None = None,
         learner: BaseLearner | None = None,
         temperature: float = 10.0,
@@ -168,7 +171,7 @@ class FewShotClassifier:
         self.preprocessing = preprocessing
         self.learner = learner if learner is not None else BaseLearner(steps=int(steps), lr=float(lr))
         self.steps, self.lr, self.bn_mode, self.temperature = self.learner.steps, self.learner.lr, bn_mode, float(temperature)
-        self.flip_average = bool(flip_average)
+        self.flip_average, self.shift_views = bool(flip_average), int(shift_views)
         self.info = dict(info or {})
         self.classes_: list[Hashable] = []
         self._weight: torch.Tensor | None = None
@@ -235,11 +238,13 @@ class FewShotClassifier:
         if batch_mode:  # one set, one set of statistics: forward it whole
             with batch_statistics(self.backbone):
                 x = to_float(torch.from_numpy(np.ascontiguousarray(arrays)), prep.mean, prep.std, device=self.device)
-                return embed(self.backbone, x, self.flip_average)
+                return embed(self.backbone, x, self.flip_average, self.shift_views)
         chunks = []
-        for start in range(0, len(arrays), _BATCH):
-            batch = torch.from_numpy(np.ascontiguousarray(arrays[start : start + _BATCH]))
-            chunks.append(embed(self.backbone, to_float(batch, prep.mean, prep.std, device=self.device), self.flip_average).to(self.device))
+        step = max(1, _BATCH // len(shift_offsets(self.shift_views)))  # the shifted copies multiply each batch
+        for start in range(0, len(arrays), step):
+            batch = torch.from_numpy(np.ascontiguousarray(arrays[start : start + step]))
+            x = to_float(batch, prep.mean, prep.std, device=self.device)
+            chunks.append(embed(self.backbone, x, self.flip_average, self.shift_views).to(self.device))
         return torch.cat(chunks)
 
     # --- the two steps -------------------------------------------------------------------------
@@ -292,4 +297,4 @@ class FewShotClassifier:
     def __repr__(self) -> str:
         source = self.info.get("source", "?")
         return (f"FewShotClassifier(source={source!r}, classes={self.classes_!r}, steps={self.steps}, lr={self.lr}, "
-                f"flip_average={self.flip_average})")
+                f"flip_average={self.flip_average}, shift_views={self.shift_views})")

@@ -115,10 +115,11 @@ def _config_for(args: argparse.Namespace):
         raise ValueError("--dataset scores a trained run on another dataset: give the run with --resume RUN.")
     if getattr(args, "resume", None):
         # Scoring a finished run another way (more ways, the last checkpoint, the test-time flip, ...) leaves its model alone.
-        rescoring = args.command == "meta-test" and all(text.startswith(("meta_test.", "model.flip_average=")) for text in args.overrides)
+        rescoring = args.command == "meta-test" and all(text.startswith(("meta_test.", "model.flip_average=", "model.shift_views="))
+                                                        for text in args.overrides)
         if args.preset or getattr(args, "init_from", None) or (args.overrides and not rescoring):
             raise ValueError("--resume continues a run as it was configured; leave out --preset, --init-from and overrides "
-                             "(only `mtl meta-test --resume RUN` takes meta_test.* and model.flip_average overrides).")
+                             "(only `mtl meta-test --resume RUN` takes meta_test.*, model.flip_average and model.shift_views overrides).")
         config = apply_overrides(read_run_config(args.out), args.overrides)
         if getattr(args, "split", None):
             config = apply_overrides(config, [f"meta_test.split={args.split}"])

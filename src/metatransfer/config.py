@@ -63,6 +63,11 @@ class ModelConfig:
     # Test-time flip: wherever an image is scored (validation, meta-test, predict, bundles), its
     # feature is the mean of its own and its mirror image's; training steps see single images.
     flip_average: bool = False
+    # Test-time shifts: pixels s by which the delivered model (meta-test, predict, the API, bundles)
+    # also averages each image's feature over 8 copies shifted to the 3x3 grid of -s, 0, s, each
+    # mirrored too with flip_average (9 or 18 forwards an image); 0 = off. Validation during
+    # pre-training and meta-training leaves them out: it would multiply the cost of every check.
+    shift_views: int = 0
     # Transfer (`--init-from`): a run directory (its pretrain/best) or an `mtl export` safetensors
     # bundle whose backbone starts pre-training; "" = random init. See metatransfer/transfer.py.
     init_from: str = ""
@@ -368,6 +373,9 @@ def check_config(config: Config) -> None:
                          f"model.drop_block_size={config.model.drop_block_size} be at least 1.")
     if config.pretrain.rotation_weight < 0:
         raise ValueError(f"pretrain.rotation_weight={config.pretrain.rotation_weight} must be 0 (off) or positive (Gidaris et al.: 1.0).")
+    if config.model.shift_views < 0:
+        raise ValueError(f"model.shift_views={config.model.shift_views} is a number of pixels: 0 (off) or positive "
+                         "(2 on 32x32 images, within data.crop_padding).")
     if any(shot < 1 for shot in meta.val_shots):
         raise ValueError(f"meta_train.val_shots={meta.val_shots}: shots are positive integers (for example 5, or 1,5).")
     name = meta.init_checkpoint

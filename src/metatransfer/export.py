@@ -112,6 +112,8 @@ def _model_card(bundle: dict[str, Any], run_dir: Path) -> str:
         f"- BatchNorm: {bundle['bn_mode']}",
         "- test-time flip: each image's feature is the mean of its own and its mirror image's" if bundle["flip_average"] else
         "- test-time flip: off (one forward per image)",
+        f"- test-time shifts: the feature is also averaged over copies shifted by {bundle['shift_views']} pixels "
+        "(the 3x3 grid of -s, 0, s; zero-padded)" if bundle.get("shift_views") else "- test-time shifts: off",
         "",
         "## Data",
         f"- trained on `{source['dataset']}`: {source.get('dataset_protocol') or 'see the run config'}",
@@ -200,6 +202,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str, *, data_root:
             "base_learner": parts["learner"].to_dict(),
             "bn_mode": parts["bn_mode"],
             "flip_average": parts["flip_average"],
+            "shift_views": parts["shift_views"],
             "source": {key: info[key] for key in ("run_dir", "checkpoint", "dataset", "dataset_protocol", "adapt", "ss_mode", "ss_shortcuts")},
             "sha256": {name: sha256_file(tmp / name) for name in (FORMATS[fmt], HEAD_FILE)},
         }

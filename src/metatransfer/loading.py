@@ -48,8 +48,9 @@ __all__ = [
 ]
 
 BUNDLE_FILE = "bundle.json"
-BUNDLE_FORMAT = 2  # 2 added flip_average (the test-time flip), which a reader of 1 would silently drop
-_READABLE_FORMATS = tuple(range(1, BUNDLE_FORMAT + 1))  # a format-1 bundle has no test-time flip
+# 2 added flip_average (the test-time flip), 3 shift_views (test-time shifts): an older reader would silently drop them
+BUNDLE_FORMAT = 3
+_READABLE_FORMATS = tuple(range(1, BUNDLE_FORMAT + 1))  # a format-1 bundle has no test-time flip, 1-2 no shifts
 FORMATS = {"safetensors": "backbone.safetensors", "onnx": "backbone.onnx", "torchscript": "backbone.pt"}
 HEAD_FILE = "head.safetensors"
 
@@ -153,7 +154,8 @@ def load_run_parts(run_dir: Path, *, data_root: str | Path | None = None, checkp
     return {
         "backbone": backbone, "head_weight": weight, "head_bias": bias, "preprocessing": preprocessing,
         "steps": config.base_learner.steps, "lr": config.base_learner.lr, "bn_mode": config.model.bn_mode, "info": info,
-        "flip_average": config.model.flip_average, "learner": BaseLearner.from_config(config.base_learner), "temperature": temperature,
+        "flip_average": config.model.flip_average, "shift_views": config.model.shift_views,
+        "learner": BaseLearner.from_config(config.base_learner), "temperature": temperature,
     }
 
 
@@ -250,6 +252,7 @@ def load_bundle_parts(export_dir: Path) -> dict[str, Any]:
         "preprocessing": Preprocessing.from_dict({key: bundle["preprocessing"][key] for key in keys}),
         "steps": bundle["base_learner"]["steps"], "lr": bundle["base_learner"]["lr"], "bn_mode": bundle["bn_mode"], "info": info,
         "flip_average": bundle.get("flip_average", False),  # older bundles: off, as their runs scored
+        "shift_views": bundle.get("shift_views", 0),
         "learner": BaseLearner.from_config(bundle["base_learner"]),  # older bundles hold steps and lr only: the defaults
         "temperature": float(head["head.temperature"]) if "head.temperature" in head else 10.0,  # unused by linear logits
     }

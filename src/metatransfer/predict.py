@@ -201,6 +201,7 @@ def predict_folders(
         "support": str(support), "classes": classes, "support_images_per_class": [counts[name] for name in classes],
         "queries": len(rows), "top_k": min(top_k, len(classes)), "accuracy": accuracy,
         "base_learner": {"steps": classifier.steps, "lr": classifier.lr}, "flip_average": classifier.flip_average,
+        "shift_views": classifier.shift_views,
     }
     if out_path is not None:
         write_predictions(out_path, rows, summary)

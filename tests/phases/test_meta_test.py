@@ -15,7 +15,7 @@ from metatransfer.data.episodes import TaskSampler
 from metatransfer.models.backbones import create_backbone
 from metatransfer.models.fuse import inference_copy
 from metatransfer.models.head import BaseLearner
-from metatransfer.phases.features import extract_features
+from metatransfer.phases.features import extract_features, forward_images, shift_offsets, shifted
 
 CPU = torch.device("cpu")
 
@@ -81,3 +81,46 @@ def test_flip_average_scores_a_mirrored_split_as_the_split(fc100_small, bn_mode)
     averaged = extract_features(backbone, split.images[:4], flip_average=True, **options)
     assert not torch.allclose(one, other, atol=1e-4)
     torch.testing.assert_close(averaged, (one + other) / 2, atol=1e-5, rtol=1e-5)
+
+
+def test_shift_views_average_the_grid_of_shifted_copies_and_validation_can_leave_them_out(fc100_small):
+    """model.shift_views=s: each feature is the mean over the image moved to the 3x3 grid of -s, 0, s
+    pixels (zero-padded), extracted in smaller batches; evaluate_split(with_shifts=False) scores as s=0."""
+    root, name = fc100_small
+    split = load_split(root, name, "test")
+    torch.manual_seed(0)
+    backbone = create_backbone("conv4", in_chans=3, width=0.25).eval()
+    options = dict(mean=split.mean, std=split.std, device=CPU, amp=False, channels_last=False)
+    images = split.images[:5]
+    copies = [forward_images(backbone, torch.from_numpy(np.array(images)), augment=lambda x, dx=dx, dy=dy: shifted(x, dx, dy), **options)
+              for dx, dy in shift_offsets(2)]
+    assert len(copies) == 9 and not torch.allclose(copies[0], copies[4], atol=1e-4)  # (-2, -2) is not the image itself
+    averaged = extract_features(backbone, images, shift_views=2, batch_size=9, **options)  # one image a forward
+    torch.testing.assert_close(averaged, torch.stack(copies).mean(0), atol=1e-5, rtol=1e-5)
+    both = extract_features(backbone, images, shift_views=2, flip_average=True, **options)
+    mirrored = extract_features(backbone, images, shift_views=2, flip=True, **options)
+    torch.testing.assert_close(both, (averaged + mirrored) / 2, atol=1e-5, rtol=1e-5)  # the grid is symmetric
+
+    theta_w, theta_b = 0.01 * torch.randn(5, backbone.out_features), torch.zeros(5)
+    config = Config()
+    config.amp = False
+
+    def row(shift_views: int, **kwargs) -> dict:
+        config.model.shift_views = shift_views
+        return meta_test.evaluate_split(backbone, theta_w, theta_b, split, config, CPU, ways=[5], shots=[1], episodes=6,
+                                        n_query=3, protocol="standard", seed=3, **kwargs)[0]
+
+    plain, with_shifts, left_out = row(0), row(2), row(2, with_shifts=False)
+    assert (plain["shift_views"], with_shifts["shift_views"], left_out["shift_views"]) == (0, 2, 0)
+    assert left_out["per_episode"] == plain["per_episode"]
+    assert with_shifts["per_episode"] != plain["per_episode"]
+
+
+def test_shifted_moves_the_picture_and_pads_with_zeros():
+    x = torch.arange(1.0, 17.0).view(1, 1, 4, 4)
+    right, up = shifted(x, 1, 0)[0, 0], shifted(x, 0, -1)[0, 0]
+    torch.testing.assert_close(right[:, 1:], x[0, 0, :, :3])
+    assert right[:, 0].eq(0).all()
+    torch.testing.assert_close(up[:3], x[0, 0, 1:])
+    assert up[3].eq(0).all()
+    assert shifted(x, 0, 0) is x

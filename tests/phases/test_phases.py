@@ -148,7 +148,7 @@ def test_meta_test_resume_rescores_with_the_last_checkpoint_beside_the_best(smok
     assert main(["meta-test", "--resume", str(run_dir), "model.backbone=conv4"]) == 2  # not a meta_test.* key
 
 
-def test_meta_test_resume_rescores_with_the_test_time_flip_beside_the_plain_scores(smoke_run, tmp_path):
+def test_meta_test_resume_rescores_with_the_test_time_flip_and_shifts_beside_the_plain_scores(smoke_run, tmp_path):
     run_dir = tmp_path / "rescored"
     shutil.copytree(smoke_run, run_dir)
     plain = json.loads((run_dir / "results.json").read_text())
@@ -161,6 +161,33 @@ def test_meta_test_resume_rescores_with_the_test_time_flip_beside_the_plain_scor
     episodes = json.loads((run_dir / "meta_test" / "episodes-5way-1shot-standard-flip.json").read_text())
     assert len(episodes["per_episode_accuracy"]) == len(episodes["start_per_episode_accuracy"]) == flipped[0]["episodes"]
     assert (run_dir / "config.yaml").read_text() == config_before
+    assert main(["meta-test", "--resume", str(run_dir), "model.shift_views=2"]) == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [r for r in results if not r["shift_views"]] == plain + flipped  # kept, not replaced
+    shifts = [r for r in results if r["shift_views"]]
+    assert [r["shift_views"] for r in shifts] == [2] * len(plain) and all("gain" in r for r in shifts)
+    assert (run_dir / "meta_test" / "episodes-5way-1shot-standard-shift2.json").is_file()
+    assert (run_dir / "config.yaml").read_text() == config_before
+
+
+def test_test_time_shifts_change_the_scores_of_the_delivered_model_only(smoke_run, fc100_small, tmp_path):
+    """model.shift_views is left out of validation: a run with it trains, validates and keeps exactly
+    what the same run without it does, and only its meta-test rows score otherwise."""
+    out = tmp_path / "shifted"
+    assert main(["run", *_run_args(fc100_small, out, "model.shift_views=2")]) == 0
+
+    def trained(run_dir: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "time"} for r in _records(run_dir)]
+
+    assert trained(out) == trained(smoke_run) and any("val_accuracy" in r for r in trained(out))
+    for stem in ("pretrain/best", "meta_train/best"):
+        mine, theirs = load_checkpoint(out / stem)[0], load_checkpoint(smoke_run / stem)[0]
+        assert mine.keys() == theirs.keys() and all(mine[k].equal(theirs[k]) for k in mine)
+    rows, plain = (json.loads((run / "results.json").read_text()) for run in (out, smoke_run))
+    assert [r["shift_views"] for r in rows] == [2] * len(plain) and [r["shift_views"] for r in plain] == [0] * len(plain)
+    shifted = json.loads((out / "meta_test" / "episodes-5way-1shot-standard-shift2.json").read_text())
+    unshifted = json.loads((smoke_run / "meta_test" / "episodes-5way-1shot-standard.json").read_text())
+    assert shifted["per_episode_accuracy"] != unshifted["per_episode_accuracy"]
 
 
 def test_run_again_on_a_complete_run_resumes_and_trains_nothing(smoke_run, fc100_small, capsys):

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from metatransfer.config import Config, check_config
 from metatransfer.data.augment import to_float
@@ -24,7 +25,7 @@ from metatransfer.models.head import init_head_weight
 from metatransfer.data.cache import ImageSplit, load_split
 from metatransfer.run import autocast, load_checkpoint, resolve_device, seed_everything, tensors_under
 
-__all__ = ["load_run_split", "start_phase", "build_backbone", "backbone_meta", "pretrained_stem", "shot_best_stem", "load_pretrained_backbone", "held_out_classes", "class_subset", "untrained_theta", "extract_features", "batch_statistics", "embed", "forward_images"]
+__all__ = ["load_run_split", "start_phase", "build_backbone", "backbone_meta", "pretrained_stem", "shot_best_stem", "load_pretrained_backbone", "held_out_classes", "class_subset", "untrained_theta", "extract_features", "batch_statistics", "embed", "forward_images", "shift_offsets"]
 
 
 def load_run_split(config: Config, split: str) -> ImageSplit:
@@ -125,15 +126,40 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
             m.momentum = momentum
 
 
-def embed(backbone: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, flip_average: bool = False) -> torch.Tensor:
-    """Normalised (B, C, H, W) images -> (B, D) float32 features; with `flip_average`
-    (model.flip_average), the mean of each image's feature and its mirror image's, which makes the
-    feature blind to left-right orientation and steadier on few images. The images and their
-    mirrors go through in one batch, so with batch-statistics BN they share one set of statistics."""
-    if not flip_average:
+def shift_offsets(shift_views: int) -> list[tuple[int, int]]:
+    """(dx, dy) of the copies `embed` averages: the 3x3 grid of shifts by -s, 0 and s pixels, or the
+    image alone for s = 0 (model.shift_views)."""
+    steps = (-shift_views, 0, shift_views) if shift_views else (0,)
+    return [(dx, dy) for dy in steps for dx in steps]
+
+
+def shifted(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """(B, C, H, W) moved dx pixels right and dy down, zero-padded like the pre-training crop (zero
+    is the mean colour once normalised)."""
+    if dx == dy == 0:
+        return x
+    pad = max(abs(dx), abs(dy))
+    H, W = x.shape[-2:]
+    return F.pad(x, (pad, pad, pad, pad))[..., pad - dy : pad - dy + H, pad - dx : pad - dx + W]
+
+
+def embed(backbone: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, flip_average: bool = False,
+          shift_views: int = 0) -> torch.Tensor:
+    """Normalised (B, C, H, W) images -> (B, D) float32 features. With `flip_average`
+    (model.flip_average) and/or `shift_views` (model.shift_views), the mean of the features of the
+    image's views: its mirror image, and copies shifted as the pre-training crop shifts them. The
+    mean is blind to left-right orientation and a few pixels of position, and steadier on few
+    images. All views go through in one batch, so with batch-statistics BN they share one set of
+    statistics."""
+    views = [shifted(x, dx, dy) for dx, dy in shift_offsets(shift_views)]
+    if flip_average:
+        views += [view.flip(-1) for view in views]
+    if len(views) == 1:
         return backbone(x).float()
-    features = backbone(torch.cat([x, x.flip(-1)])).float()
-    return (features[: len(x)] + features[len(x) :]) / 2
+    batch = torch.cat(views)
+    if x.is_contiguous(memory_format=torch.channels_last):
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    return backbone(batch).float().view(len(views), len(x), -1).mean(dim=0)
 
 
 def forward_images(
@@ -147,14 +173,16 @@ def forward_images(
     channels_last: bool,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     flip_average: bool = False,
+    shift_views: int = 0,
 ) -> torch.Tensor:
     """uint8 (..., H, W, C) images -> float32 (B, D) features, in the backbone's current mode;
-    `augment` maps the normalised (B, C, H, W) batch first (meta_train.augment); `flip_average`: `embed`."""
+    `augment` maps the normalised (B, C, H, W) batch first (meta_train.augment); `flip_average`,
+    `shift_views`: `embed`."""
     x = to_float(images, mean, std, device=device, channels_last=channels_last)
     if augment is not None:
         x = augment(x)
     with autocast(device, amp):
-        return embed(backbone, x, flip_average)
+        return embed(backbone, x, flip_average, shift_views)
 
 
 @torch.no_grad()
@@ -171,19 +199,22 @@ def extract_features(
     flip: bool = False,
     indices: np.ndarray | None = None,
     flip_average: bool = False,
+    shift_views: int = 0,
 ) -> torch.Tensor:
     """Features of a split's images (all, or the sorted `indices` only), (N, D) float32 on `device`,
-    with BN at its running statistics; `flip` mirrors every image, `flip_average`: `embed`."""
+    with BN at its running statistics; `flip` mirrors every image, `flip_average`, `shift_views`:
+    `embed` (the shifted copies multiply each batch, so it shrinks to match)."""
     was_training = backbone.training
     backbone.eval()
     chunks = []
     count = len(images) if indices is None else len(indices)
+    batch_size = max(1, batch_size // len(shift_offsets(shift_views)))  # the flip's doubling was always within budget
     for start in range(0, count, batch_size):
         part = slice(start, start + batch_size) if indices is None else indices[start : start + batch_size]
         batch = torch.from_numpy(np.array(images[part]))  # a writable copy of the memmap rows
         if flip:
             batch = batch.flip(-2)  # (B, H, W, C): W is axis -2
         chunks.append(forward_images(backbone, batch, mean=mean, std=std, device=device, amp=amp, channels_last=channels_last,
-                                     flip_average=flip_average))
+                                     flip_average=flip_average, shift_views=shift_views))
     backbone.train(was_training)
     return torch.cat(chunks)

@@ -91,11 +91,11 @@ def _on_used_images(all_tasks: Sequence[TaskIndices]) -> tuple[np.ndarray, list[
 
 
 def _evaluate_per_episode(backbone, split: ImageSplit, tasks: TaskIndices, head_weight, head_bias, config: Config, device, paper: bool,
-                          temperature) -> np.ndarray:
+                          temperature, shift_views: int) -> np.ndarray:
     """Transductive BN: each episode's support and query sets are normalised by their own statistics."""
     accuracies = []
     options = dict(mean=split.mean, std=split.std, device=device, amp=config.amp, channels_last=config.channels_last,
-                   flip_average=config.model.flip_average)
+                   flip_average=config.model.flip_average, shift_views=shift_views)
     was_training = backbone.training
     backbone.eval()  # no dropout; batch_statistics puts only BN on batch statistics
     with torch.no_grad(), batch_statistics(backbone):
@@ -180,13 +180,17 @@ def evaluate_split(
     protocol: str,
     seed: int,
     temperature: torch.Tensor | float | None = None,
+    with_shifts: bool = True,
 ) -> list[dict[str, Any]]:
     """Score a backbone + theta on seeded episodes of one split, for every (way, shot); the base
-    learner is `config.base_learner`'s, with `temperature` (default: its configured value)."""
+    learner is `config.base_learner`'s, with `temperature` (default: its configured value).
+    `with_shifts=False` leaves out `model.shift_views` (validation during training, to keep each
+    check cheap; the test-time flip stays)."""
     temperature = config.base_learner.temperature if temperature is None else temperature
     paper = protocol == "paper"
+    shift_views = config.model.shift_views if with_shifts else 0
     options = dict(mean=split.mean, std=split.std, device=device, amp=config.amp, channels_last=config.channels_last,
-                   flip_average=config.model.flip_average)
+                   flip_average=config.model.flip_average, shift_views=shift_views)
     frozen = config.model.bn_mode == "frozen"
     settings = []
     for n_way in ways:
@@ -208,12 +212,12 @@ def evaluate_split(
             accuracies = evaluate_features(features, tasks, head_weight, head_bias, learner=BaseLearner.from_config(config.base_learner),
                                            temperature=temperature, flipped=flipped)
         else:
-            accuracies = _evaluate_per_episode(backbone, split, tasks, head_weight, head_bias, config, device, paper, temperature)
+            accuracies = _evaluate_per_episode(backbone, split, tasks, head_weight, head_bias, config, device, paper, temperature, shift_views)
         accuracy, ci95 = confidence_interval(accuracies)
         results.append({
             "dataset": split.dataset, "split": split.split, "way": n_way, "shot": n_shot, "query": query,
             "episodes": episodes, "accuracy": round(accuracy, 3), "ci95": round(ci95, 3), "protocol": protocol,
-            "bn_mode": config.model.bn_mode, "flip_average": config.model.flip_average, "seed": seed,
+            "bn_mode": config.model.bn_mode, "flip_average": config.model.flip_average, "shift_views": shift_views, "seed": seed,
             "per_episode": accuracies.round(4).tolist(),
         })
     return results
@@ -276,11 +280,12 @@ def score_run(run_dir: Path, config: Config, split: ImageSplit, device: torch.de
 
 def episodes_file_name(result: dict[str, Any]) -> str:
     """The file, under a run's meta_test/ folder, of one results.json row's per-episode accuracies
-    (one file per row: split, setting, checkpoint and flip each name it)."""
+    (one file per row: split, setting, checkpoint, flip and shifts each name it)."""
     return (f"episodes-{result['way']}way-{result['shot']}shot-{result['protocol']}"
             + (f"-{result['split']}" if result.get("split", "test") != "test" else "")
             + ("-last" if result.get("checkpoint", "best") == "last" else "")
-            + ("-flip" if result.get("flip_average") else "") + ".json")
+            + ("-flip" if result.get("flip_average") else "")
+            + (f"-shift{result['shift_views']}" if result.get("shift_views") else "") + ".json")
 
 
 def write_results(results: list[dict[str, Any]], results_path: Path, episodes_dir: Path) -> None:
@@ -294,7 +299,7 @@ def write_results(results: list[dict[str, Any]], results_path: Path, episodes_di
 
     def key(result: dict[str, Any]) -> tuple:
         return (result["split"], result["way"], result["shot"], result["protocol"], result.get("checkpoint", "best"),
-                result.get("flip_average", False))
+                result.get("flip_average", False), result.get("shift_views", 0))
 
     previous = []
     if results_path.is_file():

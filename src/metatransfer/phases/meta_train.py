@@ -237,6 +237,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
             backbone, head_weight.detach(), head_bias.detach(), val, config, device, ways=[meta.n_way], shots=[meta.n_shot, *extra_shots],
             temperature=head_temperature.detach(),
             episodes=meta.val_episodes, n_query=config.meta_test.n_query, protocol="standard", seed=meta.val_seed,
+            with_shifts=False,  # each check stays as cheap as the flip alone makes it
         )
         extra = {f"{key}_{other['shot']}shot": other[key] for other in others for key in ("accuracy", "ci95")}
         metrics.log("meta_train_val", iteration, accuracy=result["accuracy"], ci95=result["ci95"], **extra)

@@ -248,6 +248,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         result = evaluate_split(  # the base-learner as meta-test runs it from its untrained init
             backbone, *untrained_theta(config, backbone.out_features, n_way=5), val, config, device, ways=[5],
             shots=[pre.val_shot], episodes=pre.val_episodes, n_query=config.meta_test.n_query, protocol="standard", seed=config.meta_test.seed,
+            with_shifts=False,  # each check stays as cheap as the flip alone makes it
         )[0]
         if result["accuracy"] > best_accuracy:
             best_accuracy = result["accuracy"]
