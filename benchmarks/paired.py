@@ -6,6 +6,7 @@ very same tasks. The difference of their per-episode accuracies has a far tighte
 two separate intervals: this prints its mean and 95% CI per setting.
 
     python benchmarks/paired.py RUN_A RUN_B [--dataset NAME]   # A - B, for each setting both have
+    python benchmarks/paired.py RUN RUN --shift-a 2 --shift-b 0   # one run scored with and without test-time shifts
 
 Where both runs scored their pre-trained starts (every `mtl run` that meta-trains does), a second
 line compares the starts: two pre-trainings, say with and without `pretrain.distill_from`.
@@ -22,13 +23,19 @@ import numpy as np
 from metatransfer.phases.meta_test import confidence_interval, episodes_file_name
 
 
-def _settings(run_dir: Path, dataset: str | None) -> dict[tuple, tuple[dict, dict]]:
-    """(split, way, shot, protocol, checkpoint, flip) -> (summary, per-episode accuracies file) of one run."""
+def _settings(run_dir: Path, dataset: str | None, shift_views: int | None = None) -> dict[tuple, tuple[dict, dict]]:
+    """(split, way, shot, protocol, checkpoint, flip, shifts) -> (summary, per-episode accuracies file) of
+    one run; with `shift_views`, only the rows scored with those test-time shifts, keyed as shifts None
+    (so they pair with another run's rows of other shifts)."""
     results_path = run_dir / (f"results-{dataset}.json" if dataset else "results.json")
     episodes_dir = run_dir / "meta_test" / (dataset or "")
     found = {}
     for result in json.loads(results_path.read_text()):
-        key = (result["split"], result["way"], result["shot"], result["protocol"], result.get("checkpoint", "best"), bool(result.get("flip_average")))
+        shifts = result.get("shift_views", 0)
+        if shift_views is not None and shifts != shift_views:
+            continue
+        key = (result["split"], result["way"], result["shot"], result["protocol"], result.get("checkpoint", "best"), bool(result.get("flip_average")),
+               None if shift_views is not None else shifts)
         found[key] = (result, json.loads((episodes_dir / episodes_file_name(result)).read_text()))
     return found
 
@@ -40,8 +47,9 @@ def compare(a: dict[tuple, tuple[dict, dict]], b: dict[tuple, tuple[dict, dict]]
     lines = []
     for key in sorted(set(a) & set(b)):
         (result_a, episodes_a), (result_b, episodes_b) = a[key], b[key]
-        split, way, shot, protocol, checkpoint, flip = key
-        setting = (f"{result_a['dataset']} {split} {way}-way {shot}-shot ({protocol}, {checkpoint}{', flip' if flip else ''}, "
+        split, way, shot, protocol, checkpoint, flip, _ = key
+        shifts = ", ".join(f"{run} shift {r.get('shift_views', 0)}" for run, r in (("A", result_a), ("B", result_b)))
+        setting = (f"{result_a['dataset']} {split} {way}-way {shot}-shot ({protocol}, {checkpoint}{', flip' if flip else ''}, {shifts}, "
                    f"{len(episodes_a['per_episode_accuracy'])} episodes)")
         same = (result_a["dataset"], result_a["seed"], result_a["query"]) == (result_b["dataset"], result_b["seed"], result_b["query"])
         if not same or len(episodes_a["per_episode_accuracy"]) != len(episodes_b["per_episode_accuracy"]):
@@ -59,8 +67,12 @@ def main() -> None:
     parser.add_argument("run_a", type=Path)
     parser.add_argument("run_b", type=Path)
     parser.add_argument("--dataset", help="compare their cross-domain results on this dataset (results-NAME.json)")
+    parser.add_argument("--shift-a", type=int, help="A's rows scored with these test-time shifts (model.shift_views) only")
+    parser.add_argument("--shift-b", type=int, help="B's rows scored with these test-time shifts only")
     args = parser.parse_args()
-    print("\n".join(compare(_settings(args.run_a, args.dataset), _settings(args.run_b, args.dataset))))
+    if (args.shift_a is None) != (args.shift_b is None):
+        parser.error("give --shift-a and --shift-b together (each run's rows of those shifts pair with each other)")
+    print("\n".join(compare(_settings(args.run_a, args.dataset, args.shift_a), _settings(args.run_b, args.dataset, args.shift_b))))
 
 
 if __name__ == "__main__":

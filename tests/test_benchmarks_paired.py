@@ -14,10 +14,10 @@ paired = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(paired)
 
 
-def _fake_run(run_dir: Path, model: list[float], start: list[float], flip: bool, seed: int = 1, split: str = "test") -> Path:
+def _fake_run(run_dir: Path, model: list[float], start: list[float], flip: bool, seed: int = 1, split: str = "test", shift_views: int = 0) -> Path:
     """A run's results.json and episode files (per-episode accuracies as fractions), written by the same function meta-test uses."""
     result = {"dataset": "fc100", "split": split, "way": 5, "shot": 1, "query": 15, "protocol": "standard", "seed": seed,
-              "checkpoint": "best", "flip_average": flip, "accuracy": 100 * sum(model) / len(model), "start_accuracy": 100 * sum(start) / len(start),
+              "checkpoint": "best", "flip_average": flip, "shift_views": shift_views, "accuracy": 100 * sum(model) / len(model), "start_accuracy": 100 * sum(start) / len(start),
               "per_episode": model, "start_per_episode": start}
     write_results([result], run_dir / "results.json", run_dir / "meta_test")
     return run_dir
@@ -47,3 +47,16 @@ def test_a_split_scored_later_keeps_its_own_episodes_and_pairs_only_with_that_sp
     assert sorted(p.name for p in (a / "meta_test").iterdir()) == ["episodes-5way-1shot-standard-val.json", "episodes-5way-1shot-standard.json"]
     lines = paired.compare(paired._settings(a, None), paired._settings(b, None))
     assert len(lines) == 2 and all(" test " in line for line in lines) and "A 55.00 - B 50.00 = +5.00" in lines[0]
+
+
+def test_one_run_scored_with_and_without_test_time_shifts_pairs_with_itself(tmp_path: Path) -> None:
+    """`mtl meta-test --resume RUN model.shift_views=2` keeps the unshifted rows: --shift-a 2 --shift-b 0 pairs them."""
+    run = _fake_run(tmp_path / "a", model=[0.5, 0.6], start=[0.4, 0.4], flip=True)
+    _fake_run(tmp_path / "a", model=[0.53, 0.63], start=[0.42, 0.42], flip=True, shift_views=2)
+    assert sorted(p.name for p in (run / "meta_test").iterdir()) == ["episodes-5way-1shot-standard-flip-shift2.json",
+                                                                     "episodes-5way-1shot-standard-flip.json"]
+    assert paired.compare(paired._settings(run, None), paired._settings(run, None))[0].endswith("= +0.00 +- 0.00 (paired)")
+    lines = paired.compare(paired._settings(run, None, 2), paired._settings(run, None, 0))
+    assert len(lines) == 2 and "A shift 2, B shift 0" in lines[0]
+    assert lines[0].endswith("models: A 58.00 - B 55.00 = +3.00 +- 0.00 (paired)")  # every episode differs by exactly 3
+    assert "starts: A 42.00 - B 40.00 = +2.00 +- 0.00" in lines[1]
