@@ -36,6 +36,7 @@ def read_run(run_dir: Path) -> dict:
     config_path = run_dir / "config.yaml"
     config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
     flip_average = config.get("model", {}).get("flip_average", False)
+    shift_views = config.get("model", {}).get("shift_views", 0)
     extra_shots = sorted({int(m.group(1)) for r in val for key in r if (m := re.fullmatch(r"accuracy_(\d+)shot", key))})
     val_by_shot = {}  # meta_train.val_shots: each further shot's start, best and the iteration its checkpoint kept
     for shot in extra_shots:
@@ -52,7 +53,7 @@ def read_run(run_dir: Path) -> dict:
         "seconds": val[-1]["time"] - start_time,
         "val_by_shot": val_by_shot,
         "test": {r["shot"]: r for r in results if r.get("checkpoint", "best") == "best" and r["protocol"] == "standard"
-                 and r.get("flip_average", False) == flip_average},  # as the run scores itself, not a later rescoring
+                 and r.get("flip_average", False) == flip_average and r.get("shift_views", 0) == shift_views},  # as the run scores itself, not a later rescoring
     }
 
 
