@@ -50,7 +50,8 @@ def main() -> None:
         for theta_name, (weight, bias) in (("zero", zeros), ("meta-learned", (theta_weight, theta_bias))):
             result = evaluate_split(backbone, weight, bias, split, config, device, ways=[config.meta_train.n_way], shots=[shot],
                                     episodes=args.episodes, n_query=test.n_query, protocol="standard",
-                                    seed=config.meta_train.val_seed if args.split == "val" else test.seed)[0]
+                                    seed=config.meta_train.val_seed if args.split == "val" else test.seed,
+                                    with_shifts=args.split != "val")[0]  # validation as meta-training scored it
             rows.append({"backbone": backbone_name, "theta": theta_name, "accuracy": result["accuracy"], "ci95": result["ci95"]})
             print(f"{backbone_name:>20} + {theta_name:>12} theta: {result['accuracy']:.2f} +- {result['ci95']:.2f}", flush=True)
     print(f"(5-way {shot}-shot, {args.episodes} {args.split} episodes, {test.n_query} queries; |theta| = {theta_weight.norm():.3f})")

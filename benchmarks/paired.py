@@ -72,7 +72,9 @@ def main() -> None:
     args = parser.parse_args()
     if (args.shift_a is None) != (args.shift_b is None):
         parser.error("give --shift-a and --shift-b together (each run's rows of those shifts pair with each other)")
-    print("\n".join(compare(_settings(args.run_a, args.dataset, args.shift_a), _settings(args.run_b, args.dataset, args.shift_b))))
+    lines = compare(_settings(args.run_a, args.dataset, args.shift_a), _settings(args.run_b, args.dataset, args.shift_b))
+    print("\n".join(lines) if lines else "No setting was scored alike in both runs (split, way, shot, protocol, checkpoint, flip "
+          "and test-time shifts): rescore one with `mtl meta-test --resume`, or pair other shifts with --shift-a/--shift-b.")
 
 
 if __name__ == "__main__":

@@ -15,10 +15,13 @@ def test_an_unfinished_ablation_is_summarised_from_the_runs_that_reached_meta_te
             "pre-trained-fc-at-test-only-1shot-seed0": 55.0}
     for name, accuracy in runs.items():
         (tmp_path / name).mkdir()
-        (tmp_path / name / "results.json").write_text(json.dumps([_result(1, accuracy), {**_result(1, 1.0), "way": 20}]))
+        (tmp_path / name / "config.yaml").write_text("model: {flip_average: true}\n")
+        rescored = [{**_result(1, 1.0), "flip_average": True, "shift_views": 2}, {**_result(1, 1.0), "flip_average": False}]  # later rescorings
+        (tmp_path / name / "results.json").write_text(json.dumps([{**_result(1, accuracy), "flip_average": True}, {**_result(1, 1.0), "way": 20},
+                                                                  *rescored]))
     (tmp_path / "ft-no-ht-5shot-seed0").mkdir()  # started, never reached meta-test
     records = collect_records(tmp_path)
-    assert len(records) == 4 and all(r["way"] == 5 for r in records)
+    assert len(records) == 4 and all(r["way"] == 5 and r["accuracy"] > 1.0 for r in records)  # each run's own scoring only
     assert sorted(r["seed"] for r in records if r["row"] == "SS + HT") == [0, 1]
     table = summarise(records)
     assert table[("SS + HT", 1)]["accuracy"] == 61.0 and table[("SS + HT", 1)]["seeds"] == 2

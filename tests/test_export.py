@@ -16,7 +16,7 @@ from metatransfer import FewShotClassifier
 from metatransfer.api import load_images
 from metatransfer.cli import main
 from metatransfer.export import export_run
-from metatransfer.loading import BUNDLE_FILE, _add_folded_biases
+from metatransfer.loading import BUNDLE_FILE, _add_folded_biases, load_run_parts
 from metatransfer.models.backbones import create_backbone, list_backbones
 from metatransfer.models.scale_shift import apply_scale_shift, fold_scale_shift
 from metatransfer.phases.features import build_backbone
@@ -251,3 +251,5 @@ def test_a_test_time_shift_model_carries_it_into_its_bundle(smoke_run, fc100_fol
     assert [label for label, _ in got] == [label for label, _ in expected]
     assert max(abs(p - q) for (_, p), (_, q) in zip(got, expected)) < 1e-4
     assert expected != _predictions(smoke_run, fc100_folders, tmp_path)  # the shifts changed the probabilities
+    with pytest.raises(ValueError, match="model.shift_views=-1 is a number of pixels"):
+        FewShotClassifier(**{**load_run_parts(run), "shift_views": -1})

@@ -20,7 +20,7 @@ import numpy as np
 
 from metatransfer.config import Config, config_to_dict
 from metatransfer.phases import meta_test, meta_train, pretrain
-from metatransfer.run import checkpoint_exists, prepare_run_dir, write_json
+from metatransfer.run import checkpoint_exists, prepare_run_dir, read_run_config, write_json
 
 __all__ = ["ROWS", "ROW_KEYS", "parse_rows", "write_records", "run_ablation", "collect_records", "summarise", "checkpoints_of", "write_table", "convergence_curves"]
 
@@ -127,8 +127,10 @@ def collect_records(out: Path) -> list[dict[str, Any]]:
         if slug not in by_slug:
             continue
         shot, seed = int(rest[0].removesuffix("shot")), int(rest[1].removeprefix("seed"))
+        model = read_run_config(run_dir).model
+        own = (model.flip_average, model.shift_views)  # as the run scored itself, not a later rescoring
         for result in json.loads(results_path.read_text()):
-            if result["shot"] == shot and result["way"] == 5:
+            if result["shot"] == shot and result["way"] == 5 and (result.get("flip_average", False), result.get("shift_views", 0)) == own:
                 records.append(_record({"checkpoint": "best", **result}, by_slug[slug], shot, seed, run_dir))
     return records
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageOps
 
+from metatransfer.config import check_shift_views
 from metatransfer.data._decode import RESAMPLE
 from metatransfer.data.augment import to_float
 from metatransfer.loading import BUNDLE_FILE, Preprocessing, load_bundle_parts, load_run_parts
@@ -171,7 +172,7 @@ class FewShotClassifier:
         self.preprocessing = preprocessing
         self.learner = learner if learner is not None else BaseLearner(steps=int(steps), lr=float(lr))
         self.steps, self.lr, self.bn_mode, self.temperature = self.learner.steps, self.learner.lr, bn_mode, float(temperature)
-        self.flip_average, self.shift_views = bool(flip_average), int(shift_views)
+        self.flip_average, self.shift_views = bool(flip_average), check_shift_views(int(shift_views))
         self.info = dict(info or {})
         self.classes_: list[Hashable] = []
         self._weight: torch.Tensor | None = None

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_for(args: argparse.Namespace):
-    from metatransfer.config import apply_overrides, check_config, load_config
+    from metatransfer.config import apply_overrides, check_config, check_shift_views, load_config
     from metatransfer.run import read_run_config
     from metatransfer.phases.pretrain import resolve_teacher
     from metatransfer.transfer import resolve_init
@@ -121,6 +121,7 @@ def _config_for(args: argparse.Namespace):
             raise ValueError("--resume continues a run as it was configured; leave out --preset, --init-from and overrides "
                              "(only `mtl meta-test --resume RUN` takes meta_test.*, model.flip_average and model.shift_views overrides).")
         config = apply_overrides(read_run_config(args.out), args.overrides)
+        check_shift_views(config.model.shift_views)  # the one model.* override a rescoring takes that can be out of range
         if getattr(args, "split", None):
             config = apply_overrides(config, [f"meta_test.split={args.split}"])
         return config  # the --init-from source is checked again only if pre-training still has to read it

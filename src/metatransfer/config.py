@@ -28,7 +28,7 @@ __all__ = [
     "MetaTestConfig",
     "list_presets",
     "load_config",
-    "check_config",
+    "check_config", "check_shift_views",
     "config_from_dict",
     "config_to_dict",
 ]
@@ -63,10 +63,10 @@ class ModelConfig:
     # Test-time flip: wherever an image is scored (validation, meta-test, predict, bundles), its
     # feature is the mean of its own and its mirror image's; training steps see single images.
     flip_average: bool = False
-    # Test-time shifts: pixels s by which the delivered model (meta-test, predict, the API, bundles)
-    # also averages each image's feature over 8 copies shifted to the 3x3 grid of -s, 0, s, each
-    # mirrored too with flip_average (9 or 18 forwards an image); 0 = off. Validation during
-    # pre-training and meta-training leaves them out: it would multiply the cost of every check.
+    # Test-time shifts: with s > 0 the delivered model (meta-test, predict, the API, bundles) averages
+    # each image's feature over the 9 positions of the 3x3 grid of -s, 0, s pixels (the image and 8
+    # shifted copies), each mirrored too with flip_average (9 or 18 forwards an image); 0 = off.
+    # Validation during pre-training and meta-training leaves them out: it would multiply the cost of every check.
     shift_views: int = 0
     # Transfer (`--init-from`): a run directory (its pretrain/best) or an `mtl export` safetensors
     # bundle whose backbone starts pre-training; "" = random init. See metatransfer/transfer.py.
@@ -336,6 +336,14 @@ def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
     return config
 
 
+def check_shift_views(shift_views: int) -> int:
+    """model.shift_views, checked wherever it arrives (a run's config, a rescoring override, the API)."""
+    if shift_views < 0:
+        raise ValueError(f"model.shift_views={shift_views} is a number of pixels: 0 (off) or positive "
+                         "(2 on 32x32 images, at most data.crop_padding).")
+    return shift_views
+
+
 def check_config(config: Config) -> None:
     """Settings that are each valid but do not work together; the CLI calls this before a run
     directory is written, so the error comes before any training.
@@ -373,9 +381,7 @@ def check_config(config: Config) -> None:
                          f"model.drop_block_size={config.model.drop_block_size} be at least 1.")
     if config.pretrain.rotation_weight < 0:
         raise ValueError(f"pretrain.rotation_weight={config.pretrain.rotation_weight} must be 0 (off) or positive (Gidaris et al.: 1.0).")
-    if config.model.shift_views < 0:
-        raise ValueError(f"model.shift_views={config.model.shift_views} is a number of pixels: 0 (off) or positive "
-                         "(2 on 32x32 images, within data.crop_padding).")
+    check_shift_views(config.model.shift_views)
     if any(shot < 1 for shot in meta.val_shots):
         raise ValueError(f"meta_train.val_shots={meta.val_shots}: shots are positive integers (for example 5, or 1,5).")
     name = meta.init_checkpoint

@@ -83,7 +83,8 @@ def test_flip_average_scores_a_mirrored_split_as_the_split(fc100_small, bn_mode)
     torch.testing.assert_close(averaged, (one + other) / 2, atol=1e-5, rtol=1e-5)
 
 
-def test_shift_views_average_the_grid_of_shifted_copies_and_validation_can_leave_them_out(fc100_small):
+@pytest.mark.parametrize("bn_mode", ["frozen", "batch"])
+def test_shift_views_average_the_grid_of_shifted_copies_and_validation_can_leave_them_out(fc100_small, bn_mode):
     """model.shift_views=s: each feature is the mean over the image moved to the 3x3 grid of -s, 0, s
     pixels (zero-padded), extracted in smaller batches; evaluate_split(with_shifts=False) scores as s=0."""
     root, name = fc100_small
@@ -103,7 +104,7 @@ def test_shift_views_average_the_grid_of_shifted_copies_and_validation_can_leave
 
     theta_w, theta_b = 0.01 * torch.randn(5, backbone.out_features), torch.zeros(5)
     config = Config()
-    config.amp = False
+    config.amp, config.model.bn_mode = False, bn_mode
 
     def row(shift_views: int, **kwargs) -> dict:
         config.model.shift_views = shift_views

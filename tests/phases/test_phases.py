@@ -167,6 +167,8 @@ def test_meta_test_resume_rescores_with_the_test_time_flip_and_shifts_beside_the
     shifts = [r for r in results if r["shift_views"]]
     assert [r["shift_views"] for r in shifts] == [2] * len(plain) and all("gain" in r for r in shifts)
     assert (run_dir / "meta_test" / "episodes-5way-1shot-standard-shift2.json").is_file()
+    assert main(["meta-test", "--resume", str(run_dir), "model.shift_views=-2"]) == 2  # refused before scoring
+    assert json.loads((run_dir / "results.json").read_text()) == results
     assert (run_dir / "config.yaml").read_text() == config_before
 
 
@@ -188,6 +190,7 @@ def test_test_time_shifts_change_the_scores_of_the_delivered_model_only(smoke_ru
     shifted = json.loads((out / "meta_test" / "episodes-5way-1shot-standard-shift2.json").read_text())
     unshifted = json.loads((smoke_run / "meta_test" / "episodes-5way-1shot-standard.json").read_text())
     assert shifted["per_episode_accuracy"] != unshifted["per_episode_accuracy"]
+    assert shifted["start_per_episode_accuracy"] != unshifted["start_per_episode_accuracy"]  # the start is scored alike
 
 
 def test_run_again_on_a_complete_run_resumes_and_trains_nothing(smoke_run, fc100_small, capsys):

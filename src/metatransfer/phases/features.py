@@ -159,7 +159,7 @@ def embed(backbone: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, fli
     batch = torch.cat(views)
     if x.is_contiguous(memory_format=torch.channels_last):
         batch = batch.contiguous(memory_format=torch.channels_last)
-    return backbone(batch).float().view(len(views), len(x), -1).mean(dim=0)
+    return backbone(batch).float().reshape(len(views), len(x), -1).mean(dim=0)
 
 
 def forward_images(
