@@ -208,22 +208,29 @@ def test_a_fine_tuned_nearest_prototype_model_predicts_the_same_from_its_bundle(
     assert (learner.steps, learner.fc_init, learner.logits) == (0, "prototypes", "cosine")
 
 
-def test_a_test_time_flip_model_carries_it_into_its_bundle(smoke_run, fc100_folders, tmp_path):  # noqa: F811
-    """model.flip_average reaches `mtl predict`, the API and the bundle: mirrored queries get the same probabilities."""
+def _with_setting(smoke_run: Path, tmp_path: Path, fc100_folders, line: str, changed: str) -> tuple[Path, Path]:
+    """A copy of the smoke run whose config.yaml has `line` changed to `changed`, and its safetensors bundle;
+    `mtl predict` gives the same probabilities from both, and other ones than from the smoke run."""
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run)
     text = (run / "config.yaml").read_text()
-    assert "flip_average: false" in text
-    (run / "config.yaml").write_text(text.replace("flip_average: false", "flip_average: true"))
+    assert line in text
+    (run / "config.yaml").write_text(text.replace(line, changed))
     bundle = export_run(run, tmp_path / "bundle", "safetensors", log=lambda _: None)
-    assert json.loads((bundle / BUNDLE_FILE).read_text())["flip_average"] is True
-    assert "flip_average=True" in repr(FewShotClassifier.from_export(bundle))
-    assert "mean of its own and its mirror image's" in (bundle / "MODEL_CARD.md").read_text()
     expected = _predictions(run, fc100_folders, tmp_path)
     got = _predictions(bundle, fc100_folders, tmp_path)
     assert [label for label, _ in got] == [label for label, _ in expected]
     assert max(abs(p - q) for (_, p), (_, q) in zip(got, expected)) < 1e-4
-    assert expected != _predictions(smoke_run, fc100_folders, tmp_path)  # the flip changed the probabilities
+    assert expected != _predictions(smoke_run, fc100_folders, tmp_path)  # the setting changed the probabilities
+    return run, bundle
+
+
+def test_a_test_time_flip_model_carries_it_into_its_bundle(smoke_run, fc100_folders, tmp_path):  # noqa: F811
+    """model.flip_average reaches `mtl predict`, the API and the bundle: mirrored queries get the same probabilities."""
+    run, bundle = _with_setting(smoke_run, tmp_path, fc100_folders, "flip_average: false", "flip_average: true")
+    assert json.loads((bundle / BUNDLE_FILE).read_text())["flip_average"] is True
+    assert "flip_average=True" in repr(FewShotClassifier.from_export(bundle))
+    assert "mean of its own and its mirror image's" in (bundle / "MODEL_CARD.md").read_text()
 
     support, query = fc100_folders
     support_images = sorted(support.glob("*/*.png"))
@@ -237,19 +244,9 @@ def test_a_test_time_flip_model_carries_it_into_its_bundle(smoke_run, fc100_fold
 
 def test_a_test_time_shift_model_carries_it_into_its_bundle(smoke_run, fc100_folders, tmp_path):  # noqa: F811
     """model.shift_views reaches `mtl predict`, the API and the bundle, which all predict alike."""
-    run = tmp_path / "run"
-    shutil.copytree(smoke_run, run)
-    text = (run / "config.yaml").read_text()
-    assert "shift_views: 0" in text
-    (run / "config.yaml").write_text(text.replace("shift_views: 0", "shift_views: 2"))
-    bundle = export_run(run, tmp_path / "bundle", "safetensors", log=lambda _: None)
+    run, bundle = _with_setting(smoke_run, tmp_path, fc100_folders, "shift_views: 0", "shift_views: 2")
     assert json.loads((bundle / BUNDLE_FILE).read_text())["shift_views"] == 2
     assert "shift_views=2" in repr(FewShotClassifier.from_export(bundle))
     assert "shifted by 2 pixels" in (bundle / "MODEL_CARD.md").read_text()
-    expected = _predictions(run, fc100_folders, tmp_path)
-    got = _predictions(bundle, fc100_folders, tmp_path)
-    assert [label for label, _ in got] == [label for label, _ in expected]
-    assert max(abs(p - q) for (_, p), (_, q) in zip(got, expected)) < 1e-4
-    assert expected != _predictions(smoke_run, fc100_folders, tmp_path)  # the shifts changed the probabilities
     with pytest.raises(ValueError, match="model.shift_views=-1 is a number of pixels"):
         FewShotClassifier(**{**load_run_parts(run), "shift_views": -1})
