@@ -98,6 +98,8 @@ def test_shift_views_average_the_grid_of_shifted_copies_and_validation_can_leave
     assert len(copies) == 9 and not torch.allclose(copies[0], copies[4], atol=1e-4)  # (-2, -2) is not the image itself
     averaged = extract_features(backbone, images, shift_views=2, batch_size=9, **options)  # one image a forward
     torch.testing.assert_close(averaged, torch.stack(copies).mean(0), atol=1e-5, rtol=1e-5)
+    channels_last = extract_features(backbone, images, shift_views=2, **{**options, "channels_last": True})  # as the presets run
+    torch.testing.assert_close(channels_last, averaged, atol=1e-4, rtol=1e-4)
     both = extract_features(backbone, images, shift_views=2, flip_average=True, **options)
     mirrored = extract_features(backbone, images, shift_views=2, flip=True, **options)
     torch.testing.assert_close(both, (averaged + mirrored) / 2, atol=1e-5, rtol=1e-5)  # the grid is symmetric
