@@ -29,7 +29,8 @@ def scores_of(run: Path) -> dict:
         return json.loads(cache.read_text())
     config = read_run_config(run)
     val = load_run_split(config, "val")
-    options = dict(ways=[5], shots=[1, 5], episodes=args.episodes, n_query=15, protocol="standard", seed=SEED)
+    # with_shifts=False: scored as training's validation scores (flip, no test-time shifts), as every cache here was
+    options = dict(ways=[5], shots=[1, 5], episodes=args.episodes, n_query=15, protocol="standard", seed=SEED, with_shifts=False)
     in_chans = val.images.shape[-1]
     scores = {"start": evaluate_split(*load_start_model(run, config, in_chans, device), val, config, device, **options)}
     if checkpoint_exists(run / "meta_train" / config.meta_test.checkpoint):
