@@ -37,7 +37,7 @@ from metatransfer.data._decode import RESAMPLE
 from metatransfer.data.augment import to_float
 from metatransfer.loading import BUNDLE_FILE, Preprocessing, load_bundle_parts, load_run_parts
 from metatransfer.models.head import BaseLearner
-from metatransfer.phases.features import batch_statistics, embed, shift_offsets
+from metatransfer.phases.features import batch_statistics, embed, images_per_forward
 
 __all__ = ["ImageLike", "Preprocessing", "load_image", "load_images", "FewShotClassifier"]
 
@@ -241,7 +241,7 @@ class FewShotClassifier:
                 x = to_float(torch.from_numpy(np.ascontiguousarray(arrays)), prep.mean, prep.std, device=self.device)
                 return embed(self.backbone, x, self.flip_average, self.shift_views)
         chunks = []
-        step = max(1, _BATCH // len(shift_offsets(self.shift_views)))  # the shifted copies multiply each batch
+        step = images_per_forward(_BATCH, self.shift_views)
         for start in range(0, len(arrays), step):
             batch = torch.from_numpy(np.ascontiguousarray(arrays[start : start + step]))
             x = to_float(batch, prep.mean, prep.std, device=self.device)

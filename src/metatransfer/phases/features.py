@@ -25,7 +25,7 @@ from metatransfer.models.head import init_head_weight
 from metatransfer.data.cache import ImageSplit, load_split
 from metatransfer.run import autocast, load_checkpoint, resolve_device, seed_everything, tensors_under
 
-__all__ = ["load_run_split", "start_phase", "build_backbone", "backbone_meta", "pretrained_stem", "shot_best_stem", "load_pretrained_backbone", "held_out_classes", "class_subset", "untrained_theta", "extract_features", "batch_statistics", "embed", "forward_images", "shift_offsets"]
+__all__ = ["load_run_split", "start_phase", "build_backbone", "backbone_meta", "pretrained_stem", "shot_best_stem", "load_pretrained_backbone", "held_out_classes", "class_subset", "untrained_theta", "extract_features", "batch_statistics", "embed", "forward_images", "shift_offsets", "images_per_forward"]
 
 
 def load_run_split(config: Config, split: str) -> ImageSplit:
@@ -133,6 +133,12 @@ def shift_offsets(shift_views: int) -> list[tuple[int, int]]:
     return [(dx, dy) for dy in steps for dx in steps]
 
 
+def images_per_forward(batch_size: int, shift_views: int) -> int:
+    """Images to embed at once so that, with their shifted copies, a forward holds about `batch_size`
+    (the flip's doubling was always within budget)."""
+    return max(1, batch_size // len(shift_offsets(shift_views)))
+
+
 def shifted(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
     """(B, C, H, W) moved dx pixels right and dy down, zero-padded like the pre-training crop (zero
     is the mean colour once normalised)."""
@@ -208,7 +214,7 @@ def extract_features(
     backbone.eval()
     chunks = []
     count = len(images) if indices is None else len(indices)
-    batch_size = max(1, batch_size // len(shift_offsets(shift_views)))  # the flip's doubling was always within budget
+    batch_size = images_per_forward(batch_size, shift_views)
     for start in range(0, count, batch_size):
         part = slice(start, start + batch_size) if indices is None else indices[start : start + batch_size]
         batch = torch.from_numpy(np.array(images[part]))  # a writable copy of the memmap rows
