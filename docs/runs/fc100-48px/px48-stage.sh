@@ -1,6 +1,7 @@
 #!/bin/bash
 # Session 29: stop fc100-48px after pre-training (at its meta-train 0 check), score its start on fresh validation,
-# then the final checks; meta-training is resumed afterwards with `mtl meta-train --resume`.
+# then the final checks. (Meant to resume meta-training afterwards with `mtl meta-train --resume`; not done, since
+# 48 px did not win validation: see README.md.)
 until grep -q "meta-train 0/800" ~/mtl-runs/fc100-48px.log; do sleep 20; done
 pkill -f px48.sh; pkill -f "mtl run --resume /root/mtl-runs/fc100-48px"
 while pgrep -f "mtl run --resume /root/mtl-runs/fc100-48px" > /dev/null; do sleep 2; done
