@@ -372,6 +372,114 @@ def test_mini_csv_naming_a_missing_image(tiny_mini, tmp_path):
         prepare_dataset("miniimagenet", tiny_mini, tmp_path / "cache", log=_quiet)
 
 
+def _as_standard_copy(tiny_mini, target):
+    """The standard public copy's layout: train/ val/ test/ class folders, the CSVs beside them."""
+    target.mkdir()
+    for split in ("train", "val", "test"):
+        shutil.copy(tiny_mini / f"{split}.csv", target / f"{split}.csv")
+        with open(tiny_mini / f"{split}.csv", newline="") as handle:
+            for name, label in list(csv.reader(handle))[1:]:
+                (target / split / label).mkdir(parents=True, exist_ok=True)
+                shutil.copy(tiny_mini / "images" / name, target / split / label / name)
+    return target
+
+
+def _as_by_image_copy(tiny_mini, target):
+    """The second public copy's layout: train/ and val/ each hold every class, split by image."""
+    for split in ("train", "val", "test"):
+        with open(tiny_mini / f"{split}.csv", newline="") as handle:
+            for index, (name, label) in enumerate(list(csv.reader(handle))[1:]):
+                part = "train" if index % 2 == 0 else "val"
+                (target / part / label).mkdir(parents=True, exist_ok=True)
+                shutil.copy(tiny_mini / "images" / name, target / part / label / name)
+    return target
+
+
+def _mini(source, root, **kwargs):
+    return prepare_dataset("miniimagenet", source, root, verify=False, log=_quiet, **kwargs)
+
+
+def test_mini_both_public_layouts_give_the_images_layout_arrays(tiny_mini, tmp_path):
+    standard = _as_standard_copy(tiny_mini, tmp_path / "standard")
+    by_image = _as_by_image_copy(tiny_mini, tmp_path / "by_image")
+    _mini(tiny_mini, tmp_path / "a")
+    _mini(standard, tmp_path / "b")
+    _mini(by_image, tmp_path / "c", split_dir=tiny_mini)
+    for split in ("train", "val", "test"):
+        reference = load_split(tmp_path / "a", "miniimagenet", split)
+        for root in ("b", "c"):
+            other = load_split(tmp_path / root, "miniimagenet", split)
+            assert np.array_equal(other.images, reference.images)
+            assert np.array_equal(other.labels, reference.labels)
+    manifests = [read_manifest(tmp_path / root, "miniimagenet") for root in "abc"]
+    # One digest names the pixels whatever the layout, and an unknown copy says so.
+    assert len({m["source"]["sha256"] for m in manifests}) == 1
+    assert len(manifests[0]["source"]["sha256"]) == 64
+    assert "checked against the CSVs" in manifests[1]["protocol"]
+    assert "class split rebuilt from the CSVs" in manifests[2]["protocol"]
+    assert all("unknown origin" in m["protocol"] for m in manifests)
+
+
+def test_mini_copies_with_other_pixels_under_the_same_names_differ(tiny_mini, tmp_path):
+    standard = _as_standard_copy(tiny_mini, tmp_path / "standard")
+    _mini(standard, tmp_path / "a")
+    victim = next((standard / "test").rglob("*.jpg"))
+    Image.fromarray(np.zeros((10, 12, 3), dtype=np.uint8)).save(victim)
+    _mini(standard, tmp_path / "b")
+    digests = [read_manifest(tmp_path / r, "miniimagenet")["source"]["sha256"] for r in "ab"]
+    assert digests[0] != digests[1]
+
+
+def test_mini_by_image_copy_without_csvs_says_where_to_find_them(tiny_mini, tmp_path):
+    by_image = _as_by_image_copy(tiny_mini, tmp_path / "by_image")
+    with pytest.raises(FileNotFoundError, match="no test/.*--split-dir"):
+        _mini(by_image, tmp_path / "cache")
+    _no_leftovers(tmp_path / "cache")
+
+
+def test_mini_standard_copy_missing_class_is_named(tiny_mini, tmp_path):
+    standard = _as_standard_copy(tiny_mini, tmp_path / "standard")
+    victim = sorted((standard / "val").iterdir())[3]
+    shutil.rmtree(victim)
+    with pytest.raises(FileNotFoundError, match=f"class {victim.name}.*copy is incomplete"):
+        _mini(standard, tmp_path / "cache")
+    _no_leftovers(tmp_path / "cache")
+
+
+def test_mini_extra_class_is_named(tiny_mini, tmp_path):
+    by_image = _as_by_image_copy(tiny_mini, tmp_path / "by_image")
+    extra = by_image / "val" / "n99999999"
+    extra.mkdir()
+    Image.fromarray(np.zeros((10, 12, 3), dtype=np.uint8)).save(extra / "n9999999900000001.jpg")
+    with pytest.raises(ValueError, match="class folders n99999999 are in no split CSV"):
+        _mini(by_image, tmp_path / "cache", split_dir=tiny_mini)
+
+
+def test_mini_image_no_csv_names_is_refused(tiny_mini, tmp_path):
+    standard = _as_standard_copy(tiny_mini, tmp_path / "standard")
+    folder = sorted((standard / "train").iterdir())[0]
+    shutil.copy(next(folder.iterdir()), folder / f"{folder.name}00099999.jpg")
+    with pytest.raises(ValueError, match=f"1 image.*no split CSV names.*{folder.name}00099999.jpg"):
+        _mini(standard, tmp_path / "cache")
+
+
+def test_mini_image_in_the_wrong_split_folder_is_refused(tiny_mini, tmp_path):
+    standard = _as_standard_copy(tiny_mini, tmp_path / "standard")
+    moved = sorted((standard / "test").iterdir())[0]
+    shutil.move(moved, standard / "train" / moved.name)
+    with pytest.raises(ValueError, match="test image in another split's folder"):
+        _mini(standard, tmp_path / "cache")
+
+
+def test_mini_corrupt_image_is_named(tiny_mini, tmp_path):
+    standard = _as_standard_copy(tiny_mini, tmp_path / "standard")
+    victim = next((standard / "val").rglob("*.jpg"))
+    victim.write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=f"Cannot read image .*{victim.name}"):
+        _mini(standard, tmp_path / "cache")
+    _no_leftovers(tmp_path / "cache")
+
+
 def test_mini_split_tree_with_split_dir_absent(tmp_path, make_images):
     for split, names in {"train": ["a", "b"], "val": ["c"], "test": ["d"]}.items():
         make_images(tmp_path / "tree" / split, {n: 3 for n in names}, suffix=".jpg")

@@ -52,43 +52,140 @@ def _tree(source: Path, where: str) -> dict[str, ClassList]:
     return splits
 
 
-def read_mini(source: Path, split_dir: Path | None) -> tuple[dict[str, ClassList], str]:
-    """Ravi & Larochelle CSVs (`filename,label`) + `images/`, or a train/val/test tree."""
-    csv_dir = split_dir or source
-    if split_dir is None and not (source / "train.csv").is_file() and (source / "train").is_dir():
-        return _tree(
-            source, f"miniImageNet tree {source}"
-        ), "miniimagenet (train/val/test class folders)"
-    images_dir = source / "images"
-    if not images_dir.is_dir():
-        raise FileNotFoundError(
-            f"miniImageNet: {images_dir} is missing; the source must hold images/ with the jpgs "
-            f"named in the split CSVs, or train/, val/, test/ class folders"
-        )
-    present = set(path.name for path in images_dir.iterdir())
-    splits: dict[str, ClassList] = {}
+def _read_mini_csvs(csv_dir: Path) -> dict[str, list[tuple[str, str]]]:
+    """Ravi & Larochelle's split CSVs: split -> [(filename, class)], header checked."""
+    rows: dict[str, list[tuple[str, str]]] = {}
     for split in SPLITS:
         path = _split_file(csv_dir, split, "miniImageNet")
         with open(path, newline="") as handle:
             reader = csv.DictReader(handle)
             if reader.fieldnames != ["filename", "label"]:
                 raise ValueError(f"{path}: header is {reader.fieldnames}, expected filename,label")
-            per_class: dict[str, list[ImageRef]] = {}
-            for row in reader:
-                if row["filename"] not in present:
-                    raise FileNotFoundError(
-                        f"{path} names {row['filename']} (class {row['label']}), which is not in "
-                        f"{images_dir}; the image folder is incomplete"
-                    )
-                per_class.setdefault(row["label"], []).append(
-                    ("", str(images_dir / row["filename"]))
-                )
-        splits[split] = sorted(per_class.items())
+            rows[split] = [(row["filename"], row["label"]) for row in reader]
     check_disjoint(
-        {s: [name for name, _ in classes] for s, classes in splits.items()},
+        {s: sorted({label for _, label in split_rows}) for s, split_rows in rows.items()},
         f"miniImageNet CSVs in {csv_dir}",
     )
-    return splits, f"miniimagenet ravi & larochelle split (CSVs from {csv_dir})"
+    return rows
+
+
+def _match_csvs(
+    rows: dict[str, list[tuple[str, str]]], found: dict[str, str], where: str, csv_dir: Path
+) -> dict[str, ClassList]:
+    """Give every CSV row its file (`found`: file name -> path) and refuse files no CSV names.
+
+    Classes must agree both ways: a class folder no CSV lists (an extra class) and a CSV class
+    without images (a missing class) are both errors that name the class.
+    """
+    listed = {label for split_rows in rows.values() for _, label in split_rows}
+    on_disk = {Path(path).parent.name for path in found.values()}
+    extra = sorted(on_disk - listed)
+    if extra:
+        raise ValueError(
+            f"{where}: class folders {', '.join(extra[:10])} are in no split CSV of {csv_dir}; "
+            f"this is not miniImageNet's class set: remove them or use the folder benchmark"
+        )
+    splits: dict[str, ClassList] = {}
+    named: set[str] = set()
+    for split, split_rows in rows.items():
+        per_class: dict[str, list[ImageRef]] = {}
+        for filename, label in split_rows:
+            path = found.get(filename)
+            if path is None:
+                raise FileNotFoundError(
+                    f"{where}: {csv_dir / (split + '.csv')} names {filename} (class {label}), "
+                    f"which is not in the source; the copy is incomplete: fetch it again"
+                )
+            if Path(path).parent.name != label:
+                raise ValueError(
+                    f"{where}: {path} lies in folder {Path(path).parent.name}, but "
+                    f"{split}.csv gives it class {label}; the copy's labels are not Ravi's"
+                )
+            named.add(filename)
+            per_class.setdefault(label, []).append(("", path))
+        splits[split] = sorted(per_class.items())
+    unnamed = sorted(set(found) - named)
+    if unnamed:
+        raise ValueError(
+            f"{where}: {len(unnamed)} image(s) no split CSV names, e.g. {found[unnamed[0]]}; "
+            f"remove them (miniImageNet has exactly the CSVs' 60,000 images)"
+        )
+    return splits
+
+
+def _image_files(folders: list[Path], where: str) -> dict[str, str]:
+    """File name -> path for every image in `folders/<class>/`; a name twice is an error."""
+    found: dict[str, str] = {}
+    for folder in folders:
+        for class_dir in sorted(path for path in folder.iterdir() if path.is_dir()):
+            for path in list_images(class_dir):
+                name = Path(path).name
+                if name in found:
+                    raise ValueError(f"{where}: {name} is both {found[name]} and {path}; keep one")
+                found[name] = path
+    return found
+
+
+def read_mini(source: Path, split_dir: Path | None) -> tuple[dict[str, ClassList], str]:
+    """miniImageNet in any of the layouts its public copies come in.
+
+    - `images/` + Ravi & Larochelle's CSVs (`filename,label`): the original `images.zip`.
+    - `train/ val/ test/` class folders with the CSVs beside them (or in `split_dir`): every file
+      is checked against the CSVs. Without CSVs, the tree is taken as it is.
+    - `train/ val/` class folders holding all 100 classes, split by image (500 / 100 a class,
+      mini-imagenet-tools' output): the Ravi split is rebuilt from the file names and the CSVs,
+      which must be in the source or `split_dir` (for example ../shared/data/miniimagenet/splits/ravi).
+    """
+    csv_dir = split_dir or source
+    has_csvs = (csv_dir / "train.csv").is_file()
+    where = f"miniImageNet {source}"
+    if (source / "images").is_dir():
+        rows = _read_mini_csvs(csv_dir)
+        found = {path.name: str(path) for path in (source / "images").iterdir() if path.is_file()}
+        splits = {}
+        for split, split_rows in rows.items():
+            per_class: dict[str, list[ImageRef]] = {}
+            for filename, label in split_rows:
+                if filename not in found:
+                    raise FileNotFoundError(
+                        f"{csv_dir / (split + '.csv')} names {filename} (class {label}), which is "
+                        f"not in {source / 'images'}; the image folder is incomplete"
+                    )
+                per_class.setdefault(label, []).append(("", found[filename]))
+            splits[split] = sorted(per_class.items())
+        return splits, f"miniimagenet ravi & larochelle split, images/ + CSVs from {csv_dir}"
+    if all((source / split).is_dir() for split in SPLITS):
+        if not has_csvs:
+            return _tree(source, f"miniImageNet tree {source}"), (
+                "miniimagenet train/val/test class folders (no split CSVs to check against)"
+            )
+        rows = _read_mini_csvs(csv_dir)
+        found = _image_files([source / split for split in SPLITS], where)
+        splits = _match_csvs(rows, found, where, csv_dir)
+        for split in SPLITS:  # a file in the right class but the wrong split folder
+            for _, refs in splits[split]:
+                for _, path in refs:
+                    if Path(path).parent.parent.name != split:
+                        raise ValueError(f"{where}: {path} is a {split} image in another split's folder")
+        return splits, f"miniimagenet train/val/test class folders, checked against the CSVs in {csv_dir}"
+    if (source / "train").is_dir() and (source / "val").is_dir() and not (source / "test").exists():
+        if not has_csvs:
+            raise FileNotFoundError(
+                f"{where} holds train/ and val/ but no test/: a copy split by image (500 / 100 a "
+                f"class). Rebuilding the class split needs Ravi & Larochelle's train.csv, val.csv "
+                f"and test.csv: pass their folder as --split-dir (../shared/data/miniimagenet/splits/ravi)"
+            )
+        rows = _read_mini_csvs(csv_dir)
+        found = _image_files([source / "train", source / "val"], where)
+        return _match_csvs(rows, found, where, csv_dir), (
+            f"miniimagenet split by image (train/ + val/ of all classes), "
+            f"class split rebuilt from the CSVs in {csv_dir}"
+        )
+    raise FileNotFoundError(
+        f"{where}: no miniImageNet layout found; the source must hold images/ with the jpgs named "
+        f"in the split CSVs, or train/, val/, test/ class folders (CSVs beside them are checked), "
+        f"or train/ and val/ of all 100 classes (with the CSVs)"
+    )
 
 
 def read_tiered(source: Path, split_dir: Path | None) -> tuple[dict[str, ClassList], str]:

@@ -20,6 +20,7 @@ __all__ = [
     "Built",
     "ClassList",
     "sha256_file",
+    "content_digest",
     "list_images",
     "check_disjoint",
     "check_min_images",
@@ -47,6 +48,21 @@ def sha256_file(path: str | Path) -> str:
         while block := handle.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+def content_digest(classes: dict[str, ClassList]) -> str:
+    """One checksum for a copy's images: sha256 over the sorted `name sha256` lines of its files.
+
+    It names the pixels, not the layout, so two copies that hold the same files in other folders
+    agree, and two copies that hold other images under the same names (miniImageNet's do) differ.
+    """
+    lines = sorted(
+        f"{Path(member).name} {sha256_file(member)}\n"
+        for split_classes in classes.values()
+        for _, refs in split_classes
+        for _, member in refs
+    )
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def list_images(folder: Path) -> list[str]:
