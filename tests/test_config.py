@@ -207,3 +207,33 @@ def test_the_cli_checks_combinations_before_writing_the_run_dir(tmp_path, capsys
 
     assert main(["run", "--preset", "smoke", "--out", str(tmp_path / "run"), "base_learner.logits=cosine"]) == 2
     assert "needs a non-zero start" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override", [
+    "meta_train.val_every=0", "meta_train.lr_decay_every=0", "pretrain.val_every=0", "checkpoint_every=0",
+    "meta_train.iterations=0", "pretrain.epochs=-1", "pretrain.batch_size=0", "pretrain.lr_step=0",
+    "meta_train.n_way=1", "meta_train.n_shot=0", "meta_train.n_query=0", "meta_train.n_tasks=0",
+    "meta_train.val_episodes=0", "pretrain.val_episodes=0", "pretrain.val_shot=0", "pretrain.save_epochs=4,0",
+    "base_learner.steps=-1", "meta_train.hard_tasks.hard_iterations=-1", "meta_test.episodes=0",
+    "meta_test.n_way=5,1", "meta_test.n_shot=0", "meta_test.n_query=0", "model.width=0", "model.drop_rate=1",
+    "meta_train.lr_gamma=0", "base_learner.temperature=0", "data.crop_padding=-1", "pretrain.weight_decay=-1e-4",
+])
+def test_sizes_and_intervals_out_of_range_are_refused_as_the_config_loads_naming_the_key(override):
+    key = override.split("=")[0]
+    with pytest.raises(ValueError, match=rf"^Config key {key} must "):
+        load_config("smoke", [override])
+
+
+@pytest.mark.parametrize("override", ["meta_train.val_every=0", "meta_train.lr_decay_every=0", "pretrain.val_every=0"])
+def test_the_cli_refuses_an_interval_of_0_naming_the_key_before_writing_anything(override, tmp_path, capsys):
+    from metatransfer.cli import main
+
+    assert main(["run", "--preset", "smoke", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "run"), override]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"mtl: error: Config key {override.split('=')[0]} must be at least 1; got 0.")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_smallest_valid_sizes_load():
+    load_config("smoke", ["pretrain.epochs=0", "base_learner.steps=0", "meta_train.iterations=1", "meta_train.n_way=2",
+                          "meta_train.hard_tasks.hard_iterations=0", "data.crop_padding=0", "model.drop_rate=0"])

@@ -215,6 +215,56 @@ _CHOICES = {
     "meta_test.checkpoint": ("best", "last"),
 }
 
+# Sizes, counts and intervals: the smallest value each may take (an interval of 0 would divide by
+# zero mid-run, a batch of 0 would train nothing). Checked as each value is read, so a bad one stops
+# a command before any work. (Keys with a check of their own in `check_config` are not repeated.)
+_AT_LEAST: dict[str, int] = {
+    "checkpoint_every": 1,
+    "data.crop_padding": 0,
+    "pretrain.epochs": 0,  # 0: keep the --init-from backbone as it is
+    "pretrain.batch_size": 1,
+    "pretrain.lr_step": 1,
+    "pretrain.held_out_classes": 0,
+    "pretrain.save_epochs": 1,
+    "pretrain.val_every": 1,
+    "pretrain.val_episodes": 1,
+    "pretrain.val_shot": 1,
+    "base_learner.steps": 0,  # 0: no fine-tuning on the support set (the FC's start scores the queries)
+    "meta_train.iterations": 1,
+    "meta_train.n_way": 2,
+    "meta_train.n_shot": 1,
+    "meta_train.n_query": 1,
+    "meta_train.n_tasks": 1,
+    "meta_train.lr_decay_every": 1,
+    "meta_train.val_every": 1,
+    "meta_train.val_episodes": 1,
+    "meta_train.hard_tasks.normal_iterations": 0,
+    "meta_train.hard_tasks.hard_iterations": 0,
+    "meta_train.hard_tasks.start": 0,
+    "meta_train.hard_tasks.min_classes": 0,
+    "meta_test.episodes": 1,
+    "meta_test.n_way": 2,
+    "meta_test.n_shot": 1,
+    "meta_test.n_query": 1,
+}
+# Real-valued settings that must be positive, or lie in [0, 1).
+_POSITIVE = ("model.width", "pretrain.lr_gamma", "meta_train.lr_gamma", "base_learner.temperature", "base_learner.prototype_scale")
+_FRACTION = ("model.drop_rate", "pretrain.momentum", "pretrain.label_smoothing")
+_NOT_NEGATIVE = ("data.color_jitter", "pretrain.weight_decay", "meta_train.ss_l2")
+
+
+def _check_range(dotted: str, value: Any) -> None:
+    """Raise ValueError naming `dotted` if `value` (or an item of a list) is out of its range."""
+    for item in value if isinstance(value, list) else [value]:
+        if dotted in _AT_LEAST and item < _AT_LEAST[dotted]:
+            raise ValueError(f"Config key {dotted} must be at least {_AT_LEAST[dotted]}; got {item!r}.")
+        if dotted in _POSITIVE and not item > 0:
+            raise ValueError(f"Config key {dotted} must be positive; got {item!r}.")
+        if dotted in _FRACTION and not 0 <= item < 1:
+            raise ValueError(f"Config key {dotted} must lie in [0, 1); got {item!r}.")
+        if dotted in _NOT_NEGATIVE and item < 0:
+            raise ValueError(f"Config key {dotted} must be 0 or positive; got {item!r}.")
+
 
 def list_presets() -> list[str]:
     """Names of the presets shipped with the package."""
@@ -282,6 +332,7 @@ def _apply(target: Any, values: dict[str, Any], prefix: str = "") -> None:
             raise ValueError(f"Config key {dotted} is a learning rate and must be in (0, 100]; got {value!r}.")
         if dotted in _CHOICES and value not in _CHOICES[dotted]:
             raise ValueError(f"Config key {dotted} must be one of {', '.join(_CHOICES[dotted])}; got {value!r}.")
+        _check_range(dotted, value)
         setattr(target, key, value)
 
 
