@@ -1,4 +1,4 @@
-"""The `mtl` command: parses arguments, builds the config, calls the phase functions. Nothing else.
+"""The `mtl` command: parses arguments and calls the functions the Python API calls. Nothing else.
 
     mtl data prepare fc100 --source cifar100_png.zip --root data
     mtl run --preset fc100-cpu --data-root data --out runs/fc100
@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -105,36 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_for(args: argparse.Namespace):
-    from metatransfer.config import apply_overrides, check_config, check_shift_views, load_config
-    from metatransfer.run import read_run_config
-    from metatransfer.phases.pretrain import resolve_teacher
-    from metatransfer.transfer import resolve_init
+def _phases_of(command: str) -> tuple[str, ...]:
+    from metatransfer.experiment import PHASES
 
-    if getattr(args, "dataset", None) and not getattr(args, "resume", None):
-        raise ValueError("--dataset scores a trained run on another dataset: give the run with --resume RUN.")
-    if getattr(args, "resume", None):
-        # Scoring a finished run another way (more ways, the last checkpoint, the test-time flip, ...) leaves its model alone.
-        rescoring = args.command == "meta-test" and all(text.startswith(("meta_test.", "model.flip_average=", "model.shift_views="))
-                                                        for text in args.overrides)
-        if args.preset or getattr(args, "init_from", None) or (args.overrides and not rescoring):
-            raise ValueError("--resume continues a run as it was configured; leave out --preset, --init-from and overrides "
-                             "(only `mtl meta-test --resume RUN` takes meta_test.*, model.flip_average and model.shift_views overrides).")
-        config = apply_overrides(read_run_config(args.out), args.overrides)
-        check_shift_views(config.model.shift_views)  # the one model.* override a rescoring takes that can be out of range
-        if getattr(args, "split", None):
-            config = apply_overrides(config, [f"meta_test.split={args.split}"])
-        return config  # the --init-from source is checked again only if pre-training still has to read it
-    if getattr(args, "split", None):
-        raise ValueError("--split goes with `mtl meta-test --resume RUN --dataset NAME`.")
-    overrides = list(args.overrides)
-    if args.data_root:
-        overrides.insert(0, f"data.root={args.data_root}")
-    if getattr(args, "init_from", None):
-        overrides.append(f"model.init_from={args.init_from}")
-    config = load_config(args.preset, overrides)
-    check_config(config)
-    return resolve_teacher(resolve_init(config))
+    return (command,) if command in PHASES else PHASES
+
+
+def _config_for(args: argparse.Namespace):
+    """The checked config of the command (`experiment.experiment_config`, as the Python API builds it)."""
+    from metatransfer.experiment import experiment_config
+
+    return experiment_config(args.preset, args.overrides, data_root=args.data_root, init_from=getattr(args, "init_from", None),
+                             resume=args.out if getattr(args, "resume", None) else None, phases=_phases_of(args.command),
+                             dataset=getattr(args, "dataset", None), split=getattr(args, "split", None))
 
 
 def _resolve_out(args: argparse.Namespace) -> None:
@@ -145,31 +127,13 @@ def _resolve_out(args: argparse.Namespace) -> None:
         args.out = args.resume
 
 
-def _run_phases(args: argparse.Namespace, phases: Sequence[str]) -> None:
-    """Run the phases in order; under torchrun every rank trains, rank 0 alone writes and meta-tests."""
-    from metatransfer import distributed
-    from metatransfer.phases import meta_test, meta_train, pretrain
-    from metatransfer.run import lock_run_dir, prepare_run_dir
+def _run_phases(args: argparse.Namespace) -> None:
+    """`experiment.run_experiment`, the function the Python API calls: check, lock, write config.yaml, run."""
+    from metatransfer.experiment import run_experiment
 
-    config = _config_for(args)
-    distributed.init_distributed(config.device)
-    held = contextlib.ExitStack()
-    try:
-        if distributed.is_main():  # one process per run directory; the ranks of one torchrun are one user of it
-            held.enter_context(lock_run_dir(args.out))
-        if distributed.is_main() and not getattr(args, "resume", None):  # a resumed run has its config.yaml
-            prepare_run_dir(args.out, config)
-        distributed.barrier()
-        modules = {"pretrain": pretrain, "meta-train": meta_train, "meta-test": meta_test}
-        for phase in phases:
-            if phase == "meta-test" and distributed.is_main():  # rank 0 alone scores and writes
-                meta_test.run(config, args.out, dataset=getattr(args, "dataset", None), data_root=args.data_root)
-            elif phase != "meta-test":
-                modules[phase].run(config, args.out)
-            distributed.barrier()
-    finally:
-        held.close()
-        distributed.cleanup()
+    run_experiment(args.preset, args.out, data_root=args.data_root, overrides=args.overrides, init_from=getattr(args, "init_from", None),
+                   resume=bool(args.resume), phases=_phases_of(args.command), dataset=getattr(args, "dataset", None),
+                   split=getattr(args, "split", None))
 
 
 def _ablate(args: argparse.Namespace) -> None:
@@ -252,10 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from metatransfer.data.cache import describe
 
                 print(describe(args.root, args.name))
-        elif args.command == "run":
-            _run_phases(args, ["pretrain", "meta-train", "meta-test"])
-        elif args.command in ("pretrain", "meta-train", "meta-test"):
-            _run_phases(args, [args.command])
+        elif args.command in ("run", "pretrain", "meta-train", "meta-test"):
+            _run_phases(args)
         elif args.command == "ablate":
             _ablate(args)
         elif args.command == "presets":
