@@ -126,7 +126,7 @@ def test_missing_preset_file_and_unknown_preset_name():
 
 
 @pytest.mark.parametrize(
-    "override", ["model.bn_mode=xyz", "model.adapt=maml", "data.augment=mixup", "meta_test.protocol=other"]
+    "override", ["model.bn_mode=xyz", "model.adapt=maml", "data.augment=mixup", "meta_test.protocol=other", "base_learner.ensemble=maml"]
 )
 def test_choices_are_enforced(override):
     key = override.split("=")[0]
@@ -166,7 +166,7 @@ def test_text_overrides_keep_their_raw_text():
     assert config.data.name == "on"
 
 
-@pytest.mark.parametrize("override", ["meta_train.lr_head=1e38", "pretrain.lr=0", "base_learner.lr=-0.1"])
+@pytest.mark.parametrize("override", ["meta_train.lr_head=1e38", "pretrain.lr=0", "base_learner.lr=-0.1", "meta_train.lr_hyperprior=0"])
 def test_absurd_learning_rates_are_refused(override):
     with pytest.raises(ValueError, match="learning rate"):
         load_config(None, [override])
@@ -191,6 +191,8 @@ def test_absurd_learning_rates_are_refused(override):
     (["pretrain.generations=0"], "generations=0 must be at least 1"),
     (["pretrain.generations=2", "pretrain.distill_from=/some/run"], "only without pretrain.distill_from"),
     (["pretrain.generations=2", "pretrain.epochs=0", "model.init_from=/some/run"], "with pretrain.epochs > 0"),
+    (["base_learner.ensemble=e3bm", "base_learner.steps=0"], "with base_learner.steps=0 there are none"),
+    (["base_learner.ensemble_init=equal"], "needs base_learner.ensemble=e3bm"),
 ])
 def test_settings_that_do_not_work_together_are_refused_before_a_run(overrides, message):
     from metatransfer.config import check_config
@@ -200,6 +202,7 @@ def test_settings_that_do_not_work_together_are_refused_before_a_run(overrides, 
     check_config(load_config("smoke", ["base_learner.logits=cosine", "base_learner.fc_init=prototypes",
                                        "pretrain.save_epochs=3", "meta_train.init_checkpoint=epoch-3"]))
     check_config(load_config("smoke", ["model.backbone=resnet12_wide", "model.drop_block_rate=0.1", "model.drop_block_size=5"]))
+    check_config(load_config("smoke", ["base_learner.ensemble=e3bm", "base_learner.ensemble_init=equal"]))
 
 
 def test_the_cli_checks_combinations_before_writing_the_run_dir(tmp_path, capsys):

@@ -129,6 +129,12 @@ class BaseLearnerConfig:
     temperature: float = 10.0  # scale of cosine logits (Meta-Baseline starts at 10, E3BM uses 8)
     learn_temperature: bool = False  # meta-learn the temperature (at meta_train.lr_head)
     learn_theta: bool = True  # False: theta stays at its init (with zeros and prototypes: no offset)
+    feature_centre: bool = False  # subtract from each feature (support and query) its mean over its dimensions (E3BM's code)
+    # E3BM (Liu, Schiele, Sun, ECCV 2020): none | e3bm: the task's head is a task-weighted sum of its
+    # heads after each inner step, with task-conditioned step sizes, both from two meta-learned
+    # hyperprior learners (at meta_train.lr_hyperprior). See docs/method.md.
+    ensemble: str = "none"
+    ensemble_init: str = "last"  # the combination weights' start: last (1 on the last step: plain MTL) | equal (1/steps each)
 
 
 @dataclass
@@ -153,6 +159,7 @@ class MetaTrainConfig:
     first_order: bool = False  # True: query loss reaches SS through query features only
     lr_ss: float = 1e-4  # Adam learning rate of the scale-shift (or FT) parameters
     lr_head: float = 1e-3  # Adam learning rate of the base-learner initialisation theta
+    lr_hyperprior: float = 1e-6  # Adam learning rate of E3BM's hyperprior learners (base_learner.ensemble=e3bm; its code: 1e-6)
     lr_decay_every: int = 1000  # iterations between halvings of both rates
     lr_gamma: float = 0.5
     val_every: int = 500  # iterations between validations that pick the best checkpoint
@@ -209,6 +216,8 @@ _CHOICES = {
     "base_learner.init": ("kaiming", "xavier", "zeros"),
     "base_learner.fc_init": ("theta", "prototypes"),
     "base_learner.logits": ("linear", "cosine"),
+    "base_learner.ensemble": ("none", "e3bm"),
+    "base_learner.ensemble_init": ("last", "equal"),
     "meta_train.classes": ("all", "held_out"),
     "meta_test.protocol": ("standard", "paper"),
     "meta_test.split": ("train", "val", "test"),
@@ -414,6 +423,12 @@ def check_config(config: Config) -> None:
                          "set model.adapt=ss, or leave them at false / 0.")
     if learner.learn_temperature and learner.logits != "cosine":
         raise ValueError("base_learner.learn_temperature scales cosine logits only: set base_learner.logits=cosine, or learn_temperature=false.")
+    if learner.ensemble == "e3bm" and learner.steps < 1:
+        raise ValueError("base_learner.ensemble=e3bm combines the heads after each inner step; with base_learner.steps=0 there "
+                         "are none: set steps >= 1 (E3BM's code: 100), or ensemble=none.")
+    if learner.ensemble == "none" and learner.ensemble_init != "last":
+        raise ValueError(f"base_learner.ensemble_init={learner.ensemble_init} starts E3BM's combination weights; it needs "
+                         "base_learner.ensemble=e3bm.")
     if meta.classes == "held_out" and not config.pretrain.held_out_classes:
         raise ValueError("meta_train.classes=held_out needs pretrain.held_out_classes > 0 (the classes pre-training leaves out).")
     if config.pretrain.epochs == 0 and not config.model.init_from:

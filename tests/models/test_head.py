@@ -262,3 +262,132 @@ def test_base_learner_reads_config_and_older_bundles():
     assert (learner.fc_init, learner.logits, learner.steps) == ("prototypes", "cosine", 7)
     assert BaseLearner.from_config(learner.to_dict()) == learner
     assert BaseLearner.from_config({"steps": 3, "lr": 0.2}) == BaseLearner(steps=3, lr=0.2)  # a bundle from before the options
+
+
+# --- E3BM: the ensemble over the inner steps ------------------------------------------------------
+
+E3BM_VARIANTS = {  # E3BM's own classifier (cosine, centred features, prototype start) and the linear one of MTL
+    "linear": dict(steps=4, lr=0.5),
+    "cosine": dict(steps=4, lr=0.5, logits="cosine", fc_init="prototypes", feature_centre=True),
+}
+
+
+def _e3bm(variant: str, init: str = "last", mapping_scale: float = 0.0, seed: int = 0) -> BaseLearner:
+    """An E3BM learner in float64; its hyperprior mappings are zero (mapping_scale 0) or large random ones."""
+    learner = BaseLearner(**E3BM_VARIANTS[variant], ensemble="e3bm", ensemble_init=init)
+    learner = learner.with_untrained_hyperprior(D, torch.Generator().manual_seed(seed))
+    learner.hyperprior.double()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, parameter in learner.hyperprior.named_parameters():
+            if not name.endswith("_init"):
+                parameter.copy_(mapping_scale * torch.randn(parameter.shape, generator=generator, dtype=torch.float64))
+    return learner
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+@pytest.mark.parametrize("variant", list(E3BM_VARIANTS))
+def test_e3bm_with_the_last_step_only_and_fixed_step_sizes_is_the_plain_base_learner(variant, second_order):
+    """v = (0, ..., 0, 1) and a_k = lr (hyperprior mappings at zero): the same logits and meta-gradients."""
+    support, labels, query, query_labels, weight, bias = _task()
+    results = []
+    for learner in (_e3bm(variant), BaseLearner(**E3BM_VARIANTS[variant])):
+        theta = weight.clone().requires_grad_()
+        features = support.clone().requires_grad_()
+        w, b = learner.adapt(features, labels, theta, bias, N, temperature=5.0, second_order=second_order)
+        logits = learner.logits_of(query, w, b, 5.0)
+        F.cross_entropy(logits.flatten(0, 1), query_labels.flatten()).backward()
+        results.append((logits.detach(), theta.grad, features.grad))
+    (ensemble_logits, ensemble_theta, ensemble_features), (plain_logits, plain_theta, plain_features) = results
+    torch.testing.assert_close(ensemble_logits, plain_logits, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ensemble_theta, plain_theta, rtol=1e-10, atol=1e-12)
+    if second_order:
+        torch.testing.assert_close(ensemble_features, plain_features, rtol=1e-10, atol=1e-12)
+
+
+def _e3bm_reference(learner: BaseLearner, support, labels, query, weight, bias, temperature: float) -> torch.Tensor:
+    """One task as E3BM's code runs it: step k's gradient by autograd, a_k and v_k from the hyperprior
+    learners on [mean support feature, mean gradient row], and the sum over steps of v_k times the query logits."""
+    prior = learner.hyperprior
+    if learner.feature_centre:
+        support, query = support - support.mean(-1, keepdim=True), query - query.mean(-1, keepdim=True)
+    if learner.fc_init == "prototypes":
+        weight = weight + torch.stack([support[labels == c].mean(0) for c in range(N)])
+
+    def logits_of(x, w, b):
+        if learner.logits == "cosine":
+            return temperature * F.normalize(x, dim=-1) @ F.normalize(w, dim=-1).T + b
+        return x @ w.T + b
+
+    total = 0.0
+    for k in range(learner.steps):
+        with torch.enable_grad():
+            w, b = weight.detach().requires_grad_(), bias.detach().requires_grad_()
+            grad_w, grad_b = torch.autograd.grad(F.cross_entropy(logits_of(support, w, b), labels), (w, b))
+        context = torch.cat([support.mean(0), grad_w.mean(0)])
+        step_size = prior.step_size_init[k] + 1e-4 * (prior.step_size_weight[k] @ context + prior.step_size_bias[k])
+        combination = prior.combination_init[k] + 1e-4 * (prior.combination_weight[k] @ context + prior.combination_bias[k])
+        weight, bias = weight - step_size * grad_w, bias - step_size * grad_b
+        total = total + combination * logits_of(query, weight, bias)
+    return total
+
+
+@pytest.mark.parametrize("variant", list(E3BM_VARIANTS))
+def test_e3bm_is_the_codes_per_task_sum_of_the_steps_query_logits_with_task_conditioned_steps(variant):
+    """All tasks at once, one combined head, equal the code's loop task by task; the tasks' step sizes differ."""
+    support, labels, query, _, weight, bias = _task()
+    learner = _e3bm(variant, init="equal", mapping_scale=300.0)  # large enough to move a_k and v_k visibly
+    with torch.no_grad():
+        logits = learner.logits_of(query, *learner.adapt(support, labels, weight, bias, N, temperature=5.0), 5.0)
+        for t in range(T):
+            expected = _e3bm_reference(learner, support[t], labels[t], query[t], weight, bias, 5.0)
+            torch.testing.assert_close(logits[t], expected, rtol=1e-9, atol=1e-10)
+        context = torch.cat([support.mean(1), torch.randn(T, D, dtype=support.dtype)], dim=-1)
+        step_sizes, combinations = learner.hyperprior(0, context)
+    assert step_sizes.shape == combinations.shape == (T,)
+    assert len(set(step_sizes.tolist())) == T and len(set(combinations.tolist())) == T  # one per task
+    assert (step_sizes - 0.5).abs().max() > 0.01  # the mapping moves them off their initial values
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_meta_gradients_reach_every_hyperprior_parameter(second_order):
+    support, labels, query, query_labels, weight, bias = _task()
+    learner = _e3bm("cosine", mapping_scale=1.0)
+    w, b = learner.adapt(support, labels, weight, bias, N, temperature=5.0, second_order=second_order)
+    F.cross_entropy(learner.logits_of(query, w, b, 5.0).flatten(0, 1), query_labels.flatten()).backward()
+    for name, parameter in learner.hyperprior.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_e3bm_learner_round_trips_through_its_tensors_and_refuses_a_checkpoint_without_them():
+    support, labels, query, _, weight, bias = _task()
+    learner = _e3bm("linear", mapping_scale=10.0)
+    learner.hyperprior.float()  # as saved
+    tensors = learner.tensors()
+    assert set(tensors) == {f"hyperprior.{name}" for name, _ in learner.hyperprior.named_parameters()}
+    assert tensors["hyperprior.step_size_weight"].shape == (4, 2 * D)
+    settings = learner.to_dict()
+    assert "hyperprior" not in settings and settings["ensemble"] == "e3bm"
+    loaded = BaseLearner.from_config(settings, {"head.weight": weight, **tensors})
+    assert loaded == learner
+    with torch.no_grad():
+        for one in (learner, loaded):
+            one_logits = one.logits_of(query, *one.adapt(support, labels, weight, bias, N), 1.0)
+            assert torch.equal(one_logits, learner.logits_of(query, *learner.adapt(support, labels, weight, bias, N), 1.0))
+    with pytest.raises(ValueError, match="meta-trained without E3BM"):
+        BaseLearner.from_config(settings, {"head.weight": weight})
+    with pytest.raises(ValueError, match="needs its hyperprior learners"):
+        BaseLearner(steps=4, lr=0.5, ensemble="e3bm").adapt(support, labels, weight, bias, N)
+    with pytest.raises(ValueError, match="meta-trained for 4 inner steps"):
+        BaseLearner.from_config({**settings, "steps": 5}, tensors).adapt(support, labels, weight, bias, N)
+
+
+def test_e3bm_starts_at_the_base_rate_with_the_last_step_or_equal_weights():
+    for init, expected in (("last", [0.0, 0.0, 1.0]), ("equal", [1 / 3] * 3)):
+        learner = BaseLearner(steps=3, lr=0.01, ensemble="e3bm", ensemble_init=init).with_untrained_hyperprior(D)
+        assert learner.hyperprior.combination_init.tolist() == pytest.approx(expected)
+        assert learner.hyperprior.step_size_init.tolist() == pytest.approx([0.01] * 3)
+    assert BaseLearner(steps=3, lr=0.01).with_untrained_hyperprior(D).hyperprior is None
+    first = BaseLearner(steps=3, lr=0.01, ensemble="e3bm").with_untrained_hyperprior(D, torch.Generator().manual_seed(4)).tensors()
+    again = BaseLearner(steps=3, lr=0.01, ensemble="e3bm").with_untrained_hyperprior(D, torch.Generator().manual_seed(4)).tensors()
+    assert all(torch.equal(first[k], again[k]) for k in first)  # seeded: the start is the same wherever it is drawn

@@ -12,18 +12,22 @@ gives exact second-order meta-gradients for free, and detaching it gives the fir
 start at its support prototypes (class means, optionally centred, normalised and scaled: E3BM's
 "feature" init) with theta as a learned offset, and the logits may be cosine similarities times a
 temperature (Meta-Baseline, Chen et al. ICCV 2021; E3BM). Cosine logits have no closed-form step;
-their inner loop uses autograd, with the same first/second-order semantics.
+their inner loop uses autograd, with the same first/second-order semantics. With `ensemble="e3bm"`
+the task's classifier is E3BM's ensemble over the inner steps (Liu, Schiele, Sun, ECCV 2020): two
+hyperprior learners (`Hyperprior`) give each task its step sizes and combination weights, and the
+adapted head is the weighted sum of the heads after each step.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Mapping
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["BaseLearner", "head_logits", "adapt_head", "init_head_weight", "expand_head", "per_class_accuracy"]
+__all__ = ["BaseLearner", "Hyperprior", "head_logits", "adapt_head", "init_head_weight", "expand_head", "per_class_accuracy"]
 
 
 def head_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -58,21 +62,21 @@ def adapt_head(
     Returns:
         The adapted (weight, bias), differentiable w.r.t. the inputs as described above.
     """
-    n_way = weight.shape[1]
-    targets = F.one_hot(labels, n_way).to(features.dtype)
-    scale = 1.0 / labels.shape[1]
+    targets = F.one_hot(labels, weight.shape[1]).to(features.dtype)
     for _ in range(steps):
-        if second_order:
-            residual = (torch.softmax(head_logits(features, weight, bias), dim=-1) - targets) * scale
-            weight = weight - lr * torch.bmm(residual.transpose(1, 2), features)
-            bias = bias - lr * residual.sum(dim=1)
-        else:
-            with torch.no_grad():
-                residual = (torch.softmax(head_logits(features, weight, bias), dim=-1) - targets) * scale
-                grad_weight = torch.bmm(residual.transpose(1, 2), features)
-            weight = weight - lr * grad_weight
-            bias = bias - lr * residual.sum(dim=1)
+        grad_weight, grad_bias = _linear_gradient(features, targets, weight, bias, second_order=second_order)
+        weight = weight - lr * grad_weight
+        bias = bias - lr * grad_bias
     return weight, bias
+
+
+def _linear_gradient(features: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
+                     second_order: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The closed-form gradient of the mean cross-entropy of (T, N, D) linear heads on (T, M, D) features with
+    (T, M, N) one-hot targets: (softmax - onehot) / M times the features. First order: a constant."""
+    with torch.set_grad_enabled(second_order and torch.is_grad_enabled()):
+        residual = (torch.softmax(head_logits(features, weight, bias), dim=-1) - targets) * (1.0 / targets.shape[1])
+        return torch.bmm(residual.transpose(1, 2), features), residual.sum(dim=1)
 
 
 def init_head_weight(n_way: int, dim: int, kind: str, *, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -116,20 +120,94 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, n_way: int) -> tor
     return torch.bmm(onehot.transpose(1, 2), features) / onehot.sum(dim=1).clamp(min=1).unsqueeze(-1)
 
 
-def _adapt_by_autograd(loss_fn, weight: torch.Tensor, bias: torch.Tensor, *, steps: int, lr: float,
+LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _autograd_gradient(loss_fn: LossFunction, weight: torch.Tensor, bias: torch.Tensor, *,
+                       second_order: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of `loss_fn(weight, bias)`: in the graph (second order) or a constant (first order)."""
+    with torch.enable_grad():
+        if second_order:
+            w = weight if weight.requires_grad else weight.detach().requires_grad_()
+            b = bias if bias.requires_grad else bias.detach().requires_grad_()
+        else:
+            w, b = weight.detach().requires_grad_(), bias.detach().requires_grad_()
+        grad_w, grad_b = torch.autograd.grad(loss_fn(w, b), (w, b), create_graph=second_order)
+    return grad_w, grad_b
+
+
+def _adapt_by_autograd(loss_fn: LossFunction, weight: torch.Tensor, bias: torch.Tensor, *, steps: int, lr: float,
                        second_order: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient descent on `loss_fn(weight, bias)`; second order keeps each step in the graph, first
     order treats the step directions as constants (theta keeps its identity path)."""
-    with torch.enable_grad():
-        for _ in range(steps):
-            if second_order:
-                w = weight if weight.requires_grad else weight.detach().requires_grad_()
-                b = bias if bias.requires_grad else bias.detach().requires_grad_()
-            else:
-                w, b = weight.detach().requires_grad_(), bias.detach().requires_grad_()
-            grad_w, grad_b = torch.autograd.grad(loss_fn(w, b), (w, b), create_graph=second_order)
-            weight, bias = (w if second_order else weight) - lr * grad_w, (b if second_order else bias) - lr * grad_b
+    for _ in range(steps):
+        grad_w, grad_b = _autograd_gradient(loss_fn, weight, bias, second_order=second_order)
+        weight, bias = weight - lr * grad_w, bias - lr * grad_b
     return weight, bias
+
+
+# E3BM's code: each hyperprior output is its initial value plus 1e-4 times the mapping's output.
+HYPERPRIOR_SCALE = 1e-4
+
+
+def _kaiming(rows: int, columns: int, generator: torch.Generator | None) -> torch.Tensor:
+    weight = torch.empty(rows, columns)
+    torch.nn.init.kaiming_normal_(weight, generator=generator)
+    return weight
+
+
+class Hyperprior(nn.Module):
+    """E3BM's two hyperprior learners (Liu, Schiele, Sun, "An Ensemble of Epoch-wise Empirical Bayes
+    for Few-shot Learning", ECCV 2020): for inner step k, each task's step size a_k and combination
+    weight v_k, conditioned on the task.
+
+    Each is a learned initial value plus `HYPERPRIOR_SCALE` times the k-th output of a linear layer
+    on the task's context, [mean support feature, mean over classes of the step's gradient], as the
+    official code computes them. a starts at the base learning rate; v at 1 for the last step and 0
+    elsewhere ("last", the code's LAS: the ensemble starts as the plain base learner) or at 1/M for
+    every step ("equal", EQU). The layers start as the code's (kaiming weights, zero biases).
+
+    Args:
+        steps: M, the inner steps.
+        dim: D, the feature dimension (the context has 2D entries).
+        lr: the base learning rate, a's initial value.
+        init: "last" or "equal", v's initial value.
+        generator: draws the layers' kaiming weights (None: the global generator).
+    """
+
+    def __init__(self, steps: int, dim: int, lr: float = 0.01, init: str = "last", *,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if init not in ("last", "equal"):
+            raise ValueError(f"Unknown ensemble init {init!r}; use last or equal.")
+        combination = torch.full((steps,), 1.0 / steps) if init == "equal" else F.one_hot(torch.tensor(steps - 1), steps).float()
+        self.step_size_init = nn.Parameter(torch.full((steps,), float(lr)))
+        self.step_size_weight = nn.Parameter(_kaiming(steps, 2 * dim, generator))
+        self.step_size_bias = nn.Parameter(torch.zeros(steps))
+        self.combination_init = nn.Parameter(combination)
+        self.combination_weight = nn.Parameter(_kaiming(steps, 2 * dim, generator))
+        self.combination_bias = nn.Parameter(torch.zeros(steps))
+
+    @classmethod
+    def from_tensors(cls, state: Mapping[str, torch.Tensor]) -> "Hyperprior":
+        """The hyperprior learners saved by `state_dict()`; their sizes come from the tensors."""
+        steps, context = state["step_size_weight"].shape
+        hyperprior = cls(steps, context // 2, generator=torch.Generator())  # overwritten below: leave the global RNG alone
+        hyperprior.load_state_dict({name: tensor.float() for name, tensor in state.items()})
+        return hyperprior
+
+    @property
+    def steps(self) -> int:
+        return self.step_size_init.shape[0]
+
+    def forward(self, step: int, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, 2D) task contexts -> (T,) step sizes and (T,) combination weights of inner step `step`."""
+        def value(init: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+            mapped = context @ weight[step].to(context) + bias[step].to(context)  # (T,): only row k is needed
+            return init[step].to(context) + HYPERPRIOR_SCALE * mapped
+
+        return (value(self.step_size_init, self.step_size_weight, self.step_size_bias),
+                value(self.combination_init, self.combination_weight, self.combination_bias))
 
 
 @dataclass(frozen=True)
@@ -144,6 +222,12 @@ class BaseLearner:
         fc_init: "theta" (the FC starts at theta) or "prototypes" (at the support class means, plus theta).
         prototype_centre, prototype_normalise, prototype_scale: how prototypes are shaped.
         logits: "linear" or "cosine" (temperature * cosine similarity + bias).
+        feature_centre: subtract from every feature (support and query) its mean over its dimensions (E3BM's code).
+        ensemble: "none", or "e3bm": the head is E3BM's task-weighted sum of the heads after each step,
+            stepped with task-conditioned step sizes, both from `hyperprior`.
+        ensemble_init: "last" or "equal": the combination weights a fresh `Hyperprior` starts at.
+        hyperprior: E3BM's hyperprior learners (the meta-learned ones, or fresh ones from
+            `with_untrained_hyperprior`); not a setting: left out of `to_dict` and of comparisons.
     """
 
     steps: int
@@ -153,16 +237,50 @@ class BaseLearner:
     prototype_normalise: bool = False
     prototype_scale: float = 1.0
     logits: str = "linear"
+    feature_centre: bool = False
+    ensemble: str = "none"
+    ensemble_init: str = "last"
+    hyperprior: Hyperprior | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def from_config(cls, config: Any) -> "BaseLearner":
-        """From a `BaseLearnerConfig` (or a bundle's `base_learner` dict; missing keys take their defaults)."""
-        values = config if isinstance(config, dict) else asdict(config)
-        names = cls.__dataclass_fields__
-        return cls(**{key: value for key, value in values.items() if key in names})
+    def from_config(cls, config: Any, tensors: Mapping[str, torch.Tensor] | None = None) -> "BaseLearner":
+        """From a `BaseLearnerConfig` (or a bundle's `base_learner` dict; missing keys take their defaults).
+
+        Args:
+            config: the settings.
+            tensors: a checkpoint's or bundle's tensors; with `ensemble="e3bm"`, its `hyperprior.*`
+                ones are the meta-learned hyperprior learners. None: settings only.
+
+        Raises:
+            ValueError: `ensemble="e3bm"` and `tensors` hold no hyperprior learners.
+        """
+        values = config if isinstance(config, dict) else {f.name: getattr(config, f.name) for f in fields(config)}
+        settings = {f.name for f in fields(cls) if f.name != "hyperprior"}
+        learner = cls(**{key: value for key, value in values.items() if key in settings})
+        if learner.ensemble == "none" or tensors is None:
+            return learner
+        state = {key[len("hyperprior."):]: value for key, value in tensors.items() if key.startswith("hyperprior.")}
+        if not state:
+            raise ValueError("base_learner.ensemble=e3bm, but the checkpoint holds no hyperprior learners (hyperprior.* "
+                             "tensors): it was meta-trained without E3BM. Score it with base_learner.ensemble=none.")
+        return replace(learner, hyperprior=Hyperprior.from_tensors(state))
+
+    def with_untrained_hyperprior(self, dim: int, generator: torch.Generator | None = None) -> "BaseLearner":
+        """With `ensemble="e3bm"`, a copy holding fresh hyperprior learners for D = `dim` features, as
+        meta-training starts them; otherwise itself."""
+        if self.ensemble == "none":
+            return self
+        return replace(self, hyperprior=Hyperprior(self.steps, dim, self.lr, self.ensemble_init, generator=generator))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings, plain values only (a bundle's `base_learner`)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "hyperprior"}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The learned tensors the base-learner itself holds, named as checkpoints and bundles store them."""
+        if self.hyperprior is None:
+            return {}
+        return {f"hyperprior.{name}": tensor.detach().contiguous() for name, tensor in self.hyperprior.state_dict().items()}
 
     def initial_head(self, support: torch.Tensor, labels: torch.Tensor, theta_weight: torch.Tensor, theta_bias: torch.Tensor,
                      n_way: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,23 +295,76 @@ class BaseLearner:
             weight = weight + self.prototype_scale * prototypes
         return weight, bias
 
-    def logits_of(self, features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                  temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
-        """(T, M, D) features -> (T, M, N) logits of the task heads."""
+    def _centred(self, features: torch.Tensor) -> torch.Tensor:
+        return features - features.mean(dim=-1, keepdim=True) if self.feature_centre else features
+
+    def _step_logits(self, features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                     temperature: torch.Tensor | float) -> torch.Tensor:
+        """(T, M, D) features -> (T, M, N) logits of (T, N, D) heads during the inner loop."""
         if self.logits == "cosine":
             return temperature * torch.bmm(F.normalize(features, dim=-1), F.normalize(weight, dim=-1).transpose(1, 2)) + bias.unsqueeze(1)
         return head_logits(features, weight, bias)
 
+    def logits_of(self, features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                  temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
+        """(T, M, D) features -> (T, M, N) logits of the task heads `adapt` returned (without an
+        ensemble, of any heads). An E3BM head of cosine logits holds the weighted sum of the steps'
+        unit-length weights, which is read as it is: normalising it again would change the sum."""
+        features = self._centred(features)
+        if self.logits == "cosine" and self.ensemble == "e3bm":
+            return temperature * torch.bmm(F.normalize(features, dim=-1), weight.transpose(1, 2)) + bias.unsqueeze(1)
+        return self._step_logits(features, weight, bias, temperature)
+
     def adapt(self, support: torch.Tensor, labels: torch.Tensor, theta_weight: torch.Tensor, theta_bias: torch.Tensor, n_way: int, *,
               temperature: torch.Tensor | float = 1.0, second_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Start each task's FC and fine-tune it on the (T, M, D) support features with (T, M) labels."""
+        """Start each task's FC and fine-tune it on the (T, M, D) support features with (T, M) labels;
+        returns the (T, N, D) weights and (T, N) biases `logits_of` reads."""
+        support = self._centred(support)
+        if self.ensemble == "e3bm":
+            return self._adapt_ensemble(support, labels, theta_weight, theta_bias, n_way, temperature, second_order)
         weight, bias = self.initial_head(support, labels, theta_weight, theta_bias, n_way)
         if self.logits == "linear":  # the closed-form step
             return adapt_head(support, labels, weight, bias, steps=self.steps, lr=self.lr, second_order=second_order)
         if not second_order:
             support = support.detach()
+        return _adapt_by_autograd(self._support_loss(support, labels, temperature), weight, bias, steps=self.steps, lr=self.lr,
+                                  second_order=second_order)
 
+    def _support_loss(self, support: torch.Tensor, labels: torch.Tensor, temperature: torch.Tensor | float) -> LossFunction:
+        """The support sets' summed per-task mean cross-entropy of heads (w, b): its gradient is each task's own."""
         def loss(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(self.logits_of(support, w, b, temperature).flatten(0, 1), labels.flatten()) * support.shape[0]
+            return F.cross_entropy(self._step_logits(support, w, b, temperature).flatten(0, 1), labels.flatten()) * support.shape[0]
 
-        return _adapt_by_autograd(loss, weight, bias, steps=self.steps, lr=self.lr, second_order=second_order)
+        return loss
+
+    def _adapt_ensemble(self, support: torch.Tensor, labels: torch.Tensor, theta_weight: torch.Tensor, theta_bias: torch.Tensor,
+                        n_way: int, temperature: torch.Tensor | float, second_order: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """E3BM: step k moves each task's head by its own a_k times the gradient, and the task's head is
+        sum_k v_k * head_k. Logits are linear in the head (cosine ones in its unit-length rows), so this
+        one head scores queries exactly as the code's sum of the steps' query logits, with no query in the loop."""
+        if self.hyperprior is None:
+            raise ValueError("base_learner.ensemble=e3bm needs its hyperprior learners: a meta-trained checkpoint's "
+                             "(BaseLearner.from_config(config, tensors)) or fresh ones (with_untrained_hyperprior).")
+        if self.hyperprior.steps != self.steps:
+            raise ValueError(f"The hyperprior learners were meta-trained for {self.hyperprior.steps} inner steps; "
+                             f"base_learner.steps={self.steps} must match.")
+        if not second_order:  # first order: the support features get no gradient, here as in the linear loop's caller
+            support = support.detach()
+        weight, bias = self.initial_head(support, labels, theta_weight, theta_bias, n_way)
+        targets = F.one_hot(labels, n_way).to(support.dtype)
+        loss = self._support_loss(support, labels, temperature)
+        support_mean = support.mean(dim=1)  # (T, D)
+        combined_weight, combined_bias = torch.zeros_like(weight), torch.zeros_like(bias)
+        for step in range(self.steps):
+            if self.logits == "linear":
+                grad_weight, grad_bias = _linear_gradient(support, targets, weight, bias, second_order=second_order)
+            else:
+                grad_weight, grad_bias = _autograd_gradient(loss, weight, bias, second_order=second_order)
+            context = torch.cat([support_mean, grad_weight.mean(dim=1)], dim=-1)  # (T, 2D)
+            step_size, combination = self.hyperprior(step, context)  # (T,) each
+            weight = weight - step_size.view(-1, 1, 1) * grad_weight
+            bias = bias - step_size.view(-1, 1) * grad_bias
+            readout = F.normalize(weight, dim=-1) if self.logits == "cosine" else weight
+            combined_weight = combined_weight + combination.view(-1, 1, 1) * readout
+            combined_bias = combined_bias + combination.view(-1, 1) * bias
+        return combined_weight, combined_bias

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from metatransfer.config import Config, check_config
 from metatransfer.data.augment import to_float
 from metatransfer.models.backbones import create_backbone
-from metatransfer.models.head import init_head_weight
+from metatransfer.models.head import BaseLearner, init_head_weight
 from metatransfer.data.cache import ImageSplit, load_split
 from metatransfer.run import autocast, load_checkpoint, resolve_device, seed_everything, tensors_under
 
-__all__ = ["load_run_split", "start_phase", "build_backbone", "backbone_meta", "pretrained_stem", "shot_best_stem", "load_pretrained_backbone", "held_out_classes", "class_subset", "untrained_theta", "extract_features", "batch_statistics", "embed", "forward_images", "shift_offsets", "images_per_forward"]
+__all__ = ["load_run_split", "start_phase", "build_backbone", "backbone_meta", "pretrained_stem", "shot_best_stem", "load_pretrained_backbone", "held_out_classes", "class_subset", "untrained_theta", "untrained_learner", "extract_features", "batch_statistics", "embed", "forward_images", "shift_offsets", "images_per_forward"]
 
 
 def load_run_split(config: Config, split: str) -> ImageSplit:
@@ -63,6 +63,14 @@ def untrained_theta(config: Config, dim: int, n_way: int | None = None) -> tuple
     n_way = n_way or config.meta_train.n_way
     generator = torch.Generator().manual_seed(config.seed)
     return init_head_weight(n_way, dim, config.base_learner.init, generator=generator), torch.zeros(n_way)
+
+
+def untrained_learner(config: Config, dim: int) -> BaseLearner:
+    """The base-learner as meta-training starts it: `base_learner.*`, with E3BM's hyperprior learners
+    (`base_learner.ensemble=e3bm`) at their init for D = `dim` features, drawn from a generator seeded
+    by `seed`; what scores the pre-trained start wherever theta is untrained."""
+    generator = torch.Generator().manual_seed(config.seed)
+    return BaseLearner.from_config(config.base_learner).with_untrained_hyperprior(dim, generator)
 
 
 def start_phase(config: Config) -> tuple[torch.device, ImageSplit, ImageSplit]:
