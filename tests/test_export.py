@@ -98,7 +98,8 @@ def test_bundle_is_self_contained_and_documented(bundles, smoke_run, tmp_path): 
     assert bundle["preprocessing"]["image_size"] == 32 and bundle["preprocessing"]["invert"] is False
     assert len(bundle["preprocessing"]["mean"]) == 3 and bundle["backbone"]["name"] == "conv4"
     assert bundle["base_learner"] == {"steps": 5, "lr": 0.01, "fc_init": "theta", "prototype_centre": False, "prototype_normalise": False,
-                                      "prototype_scale": 1.0, "logits": "linear"}
+                                      "prototype_scale": 1.0, "logits": "linear", "feature_centre": False, "ensemble": "none",
+                                      "ensemble_init": "last"}
     card = (moved / "MODEL_CARD.md").read_text()
     result = json.loads((smoke_run / "results.json").read_text())[0]
     assert f"{result['accuracy']:.2f} +- {result['ci95']:.2f}" in card and "conv4" in card and "fc100" in card
@@ -148,19 +149,22 @@ def test_damaged_bundle_is_reported(bundles, tmp_path):
         FewShotClassifier.from_export(damaged)
 
 
-def test_bundles_of_formats_1_and_2_load_without_the_flip_or_shifts_and_an_unknown_format_is_refused(bundles, tmp_path):
+def test_bundles_of_formats_1_to_3_load_without_the_flip_shifts_or_ensemble_and_an_unknown_format_is_refused(bundles, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(bundles["safetensors"], old)
     bundle = json.loads((old / BUNDLE_FILE).read_text())
-    assert bundle["format_version"] == 3 and bundle["flip_average"] is False and bundle["shift_views"] == 0
+    assert bundle["format_version"] == 4 and bundle["flip_average"] is False and bundle["shift_views"] == 0
+    bundle["base_learner"] = {key: bundle["base_learner"][key] for key in ("steps", "lr", "fc_init", "logits")}
+    (old / BUNDLE_FILE).write_text(json.dumps({**bundle, "format_version": 3}))
+    assert FewShotClassifier.from_export(old).learner.ensemble == "none"
     del bundle["shift_views"]
     (old / BUNDLE_FILE).write_text(json.dumps({**bundle, "format_version": 2}))
     assert FewShotClassifier.from_export(old).shift_views == 0
     del bundle["flip_average"]
     (old / BUNDLE_FILE).write_text(json.dumps({**bundle, "format_version": 1}))
     assert FewShotClassifier.from_export(old).flip_average is False
-    (old / BUNDLE_FILE).write_text(json.dumps({**bundle, "format_version": 4}))
-    with pytest.raises(ValueError, match="format_version 4.*export the model again, or update metatransfer"):
+    (old / BUNDLE_FILE).write_text(json.dumps({**bundle, "format_version": 5}))
+    with pytest.raises(ValueError, match="format_version 5.*export the model again, or update metatransfer"):
         FewShotClassifier.from_export(old)
 
 

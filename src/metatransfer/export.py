@@ -128,7 +128,9 @@ def _model_card(bundle: dict[str, Any], run_dir: Path) -> str:
         f"- meta-train: {config.meta_train.iterations} iterations, {config.meta_train.n_way}-way {config.meta_train.n_shot}-shot, "
         f"{config.meta_train.n_tasks} tasks per meta-batch, hard tasks {'on' if config.meta_train.hard_tasks.enabled else 'off'}",
         f"- base-learner (used again at prediction): {bundle['base_learner']['steps']} steps, lr {bundle['base_learner']['lr']}, "
-        f"FC init {bundle['base_learner']['fc_init']}, {bundle['base_learner']['logits']} logits",
+        f"FC init {bundle['base_learner']['fc_init']}, {bundle['base_learner']['logits']} logits"
+        + (f", E3BM ensemble over the steps ({bundle['base_learner']['ensemble_init']} init; hyperprior learners in "
+           f"`{bundle['head_file']}`)" if bundle["base_learner"]["ensemble"] == "e3bm" else ""),
         "",
         "## Results (meta-test, from the run's results.json)",
     ]
@@ -188,7 +190,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str, *, data_root:
     try:
         _write_backbone(backbone, tmp / FORMATS[fmt], fmt, example)
         save_file({"head.weight": parts["head_weight"].contiguous(), "head.bias": parts["head_bias"].contiguous(),
-                   "head.temperature": torch.tensor(float(parts["temperature"]))}, str(tmp / HEAD_FILE))
+                   "head.temperature": torch.tensor(float(parts["temperature"])), **parts["learner"].tensors()}, str(tmp / HEAD_FILE))
         bundle = {
             "format_version": BUNDLE_FORMAT,
             "format": fmt,

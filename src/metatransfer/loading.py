@@ -13,7 +13,8 @@ A bundle is a folder holding
                          mean, std, invert), base-learner settings (steps, lr), file checksums
     backbone.safetensors | backbone.onnx | backbone.pt    the backbone in the chosen format
     head.safetensors     the meta-learned FC initialisation theta: head.weight (N0, D), head.bias (N0,),
-                         head.temperature () (cosine logits)
+                         head.temperature () (cosine logits); with base_learner.ensemble=e3bm also
+                         E3BM's hyperprior learners, hyperprior.* (`models.head.Hyperprior`)
     MODEL_CARD.md        backbone, data, training settings, results with 95% CI
 
 Every backbone file maps normalised float32 images (batch, channels, size, size), i.e.
@@ -48,9 +49,10 @@ __all__ = [
 ]
 
 BUNDLE_FILE = "bundle.json"
-# 2 added flip_average (the test-time flip), 3 shift_views (test-time shifts): an older reader would silently drop them
-BUNDLE_FORMAT = 3
-_READABLE_FORMATS = tuple(range(1, BUNDLE_FORMAT + 1))  # a format-1 bundle has no test-time flip, 1-2 no shifts
+# 2 added flip_average (the test-time flip), 3 shift_views (test-time shifts), 4 base_learner.ensemble (E3BM's
+# hyperprior learners): an older reader would silently drop them
+BUNDLE_FORMAT = 4
+_READABLE_FORMATS = tuple(range(1, BUNDLE_FORMAT + 1))  # a format-1 bundle has no test-time flip, 1-2 no shifts, 1-3 no ensemble
 FORMATS = {"safetensors": "backbone.safetensors", "onnx": "backbone.onnx", "torchscript": "backbone.pt"}
 HEAD_FILE = "head.safetensors"
 
@@ -135,7 +137,7 @@ def load_run_parts(run_dir: Path, *, data_root: str | Path | None = None, checkp
     preprocessing, manifest = _run_preprocessing(run_dir, config.data.name, root)
     if config.data.mean:  # a transfer run normalised with its source's statistics (model.init_normalisation=source)
         preprocessing = dataclasses.replace(preprocessing, mean=tuple(config.data.mean), std=tuple(config.data.std))
-    backbone, weight, bias, temperature, source = load_meta_model(run_dir, config, preprocessing.channels, torch.device("cpu"), checkpoint)
+    backbone, weight, bias, temperature, source, learner = load_meta_model(run_dir, config, preprocessing.channels, torch.device("cpu"), checkpoint)
     backbone = backbone.to(memory_format=torch.contiguous_format).float().eval()
     info = {
         "source": f"{run_dir} ({source})",
@@ -155,7 +157,7 @@ def load_run_parts(run_dir: Path, *, data_root: str | Path | None = None, checkp
         "backbone": backbone, "head_weight": weight, "head_bias": bias, "preprocessing": preprocessing,
         "steps": config.base_learner.steps, "lr": config.base_learner.lr, "bn_mode": config.model.bn_mode, "info": info,
         "flip_average": config.model.flip_average, "shift_views": config.model.shift_views,
-        "learner": BaseLearner.from_config(config.base_learner), "temperature": temperature,
+        "learner": learner, "temperature": temperature,
     }
 
 
@@ -253,6 +255,6 @@ def load_bundle_parts(export_dir: Path) -> dict[str, Any]:
         "steps": bundle["base_learner"]["steps"], "lr": bundle["base_learner"]["lr"], "bn_mode": bundle["bn_mode"], "info": info,
         "flip_average": bundle.get("flip_average", False),  # older bundles: off, as their runs scored
         "shift_views": bundle.get("shift_views", 0),
-        "learner": BaseLearner.from_config(bundle["base_learner"]),  # older bundles hold steps and lr only: the defaults
+        "learner": BaseLearner.from_config(bundle["base_learner"], head),  # older bundles hold steps and lr only: the defaults
         "temperature": float(head["head.temperature"]) if "head.temperature" in head else 10.0,  # unused by linear logits
     }

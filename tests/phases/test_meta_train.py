@@ -1,4 +1,5 @@
-"""meta_batch_loss: the first-order fast path computes the same loss and gradients with less work."""
+"""meta_batch_loss: the first-order fast path computes the same loss and gradients with less work; E3BM's
+hyperprior learners get their meta-gradients."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from metatransfer.models.scale_shift import (
     apply_scale_shift,
     scale_shift_parameters,
 )
-from metatransfer.phases.features import forward_images
+from metatransfer.phases.features import forward_images, untrained_learner
 from metatransfer.phases.meta_train import meta_batch_loss
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -94,3 +95,16 @@ def test_first_order_backpropagates_through_the_query_images_only():
     graphs.clear()
     meta_batch_loss(backbone, head_weight, head_bias, episode, config, CPU, MEAN, STD)
     assert graphs == [(support + query, True)]
+
+
+@pytest.mark.parametrize("first_order", [True, False])
+def test_a_meta_train_step_with_e3bm_reaches_the_hyperprior_learners_ss_and_theta(first_order):
+    backbone, head_weight, head_bias, episode, config = _setup()
+    config.meta_train.first_order = first_order
+    config.base_learner.ensemble = "e3bm"
+    learner = untrained_learner(config, backbone.out_features)
+    hyperprior = dict(learner.hyperprior.named_parameters())
+    loss = meta_batch_loss(backbone, head_weight, head_bias, episode, config, CPU, MEAN, STD, learner=learner)[0]
+    gradients = dict(zip([*hyperprior, "ss", "theta"], _gradients(loss, [*hyperprior.values(), scale_shift_parameters(backbone)[0], head_weight])))
+    for name, gradient in gradients.items():
+        assert gradient.abs().sum() > 0, name

@@ -273,6 +273,39 @@ def test_base_learner_options_meta_train_and_reach_meta_test_predict_and_export(
     assert np.allclose(from_run.predict_proba(split.images[query]), from_bundle.predict_proba(split.images[query]), atol=1e-4)
 
 
+E3BM = ["base_learner.ensemble=e3bm", "base_learner.logits=cosine", "base_learner.fc_init=prototypes", "base_learner.feature_centre=true",
+        "base_learner.learn_theta=false", "base_learner.temperature=8", "base_learner.lr=0.1", "meta_train.lr_hyperprior=0.01"]
+
+
+def test_e3bm_runs_end_to_end_and_its_hyperprior_learners_reach_meta_test_predict_and_export(fc100_small, tmp_path):
+    """`mtl run` with E3BM's classifier: the hyperprior learners are meta-learned, saved, scored by meta-test (with the
+    paired gain over the untrained start), and the run and its bundle predict alike."""
+    from metatransfer.api import FewShotClassifier
+    from metatransfer.export import export_run
+    from metatransfer.loading import BUNDLE_FILE
+
+    run = tmp_path / "run"
+    assert main(["run", *_run_args(fc100_small, run, *E3BM)]) == 0
+    (result,) = json.loads((run / "results.json").read_text())
+    assert {"start_accuracy", "start_ci95", "gain", "gain_ci95"} <= set(result) and result["model"].startswith("meta_train/")
+    last, best = (load_file(str(run / "meta_train" / f"{stem}.safetensors")) for stem in ("last", "best"))
+    start = meta_test.untrained_learner(load_config("smoke", E3BM), last["head.weight"].shape[1]).tensors()
+    assert set(start) <= set(last) and any(not last[k].equal(start[k]) for k in start)  # meta-learned from their start
+    from_run = FewShotClassifier.from_run(run, device="cpu")
+    assert all(from_run.learner.tensors()[k].equal(best[k]) for k in start)  # the run's model is meta_train/best's
+    export_run(run, tmp_path / "bundle", "safetensors", log=_quiet)
+    assert json.loads((tmp_path / "bundle" / BUNDLE_FILE).read_text())["format_version"] == 4
+    assert "E3BM ensemble over the steps (last init" in (tmp_path / "bundle" / "MODEL_CARD.md").read_text()
+    from_bundle = FewShotClassifier.from_export(tmp_path / "bundle", device="cpu")
+    assert from_bundle.learner == from_run.learner and from_bundle.learner.ensemble == "e3bm"
+    assert all(from_bundle.learner.tensors()[k].equal(best[k]) for k in start)
+    split = load_split(*fc100_small, "test")
+    support, query = np.flatnonzero(split.labels < 3)[::8][:6], np.flatnonzero(split.labels < 3)[1::8][:6]
+    for model in (from_run, from_bundle):
+        model.fit(split.images[support], split.labels[support])
+    assert np.allclose(from_run.predict_proba(split.images[query]), from_bundle.predict_proba(split.images[query]), atol=1e-4)
+
+
 def _scale_drift(run_dir: Path) -> float:
     last = load_file(str(run_dir / "meta_train" / "last.safetensors"))
     return sum(float((last[k] - 1).abs().sum()) for k in last if k.endswith(".scale"))
@@ -364,7 +397,8 @@ def test_meta_test_without_meta_training_uses_the_pretrained_backbone(smoke_run,
     assert result["model"].startswith("pretrain/best")
 
 
-@pytest.mark.parametrize("overrides", [[], ["meta_train.val_shots=5", "meta_test.n_query=5"]], ids=["one-shot", "val-shots"])
+@pytest.mark.parametrize("overrides", [[], ["meta_train.val_shots=5", "meta_test.n_query=5"], ["base_learner.ensemble=e3bm", "meta_train.lr_hyperprior=0.01"]],
+                         ids=["one-shot", "val-shots", "e3bm"])
 def test_interrupted_meta_train_resumes_to_the_same_model(smoke_run, fc100_small, tmp_path, monkeypatch, overrides):
     """Stopped after the checkpoint at iteration 3 of 6, a rerun continues to identical weights."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -394,7 +428,7 @@ def test_interrupted_meta_train_resumes_to_the_same_model(smoke_run, fc100_small
     assert set(a) == set(b) and all(a[k].equal(b[k]) for k in a)
     assert (straight / "meta_train" / "hard_classes.json").read_text() == (resumed / "meta_train" / "hard_classes.json").read_text()
     kept = sorted(p.name for p in (straight / "meta_train").glob("best*.json"))
-    assert kept == (["best-5shot.json", "best.json"] if overrides else ["best.json"])
+    assert kept == (["best-5shot.json", "best.json"] if "meta_train.val_shots=5" in overrides else ["best.json"])
     assert all((straight / "meta_train" / name).read_text() == (resumed / "meta_train" / name).read_text() for name in kept)
 
 

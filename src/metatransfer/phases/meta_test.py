@@ -28,7 +28,7 @@ from metatransfer.models.scale_shift import apply_scale_shift, fold_scale_shift
 from metatransfer.phases.cross_domain import load_foreign_split
 from metatransfer.phases.features import (
     batch_statistics, build_backbone, extract_features, forward_images, load_pretrained_backbone, load_run_split, pretrained_stem, shot_best_stem,
-    untrained_theta,
+    untrained_learner, untrained_theta,
 )
 from metatransfer.progress import progress_bar
 from metatransfer.run import checkpoint_exists, load_checkpoint, resolve_device, tensors_under, write_json
@@ -91,7 +91,7 @@ def _on_used_images(all_tasks: Sequence[TaskIndices]) -> tuple[np.ndarray, list[
 
 
 def _evaluate_per_episode(backbone, split: ImageSplit, tasks: TaskIndices, head_weight, head_bias, config: Config, device, paper: bool,
-                          temperature, shift_views: int) -> np.ndarray:
+                          temperature, shift_views: int, learner: BaseLearner) -> np.ndarray:
     """Transductive BN: each episode's support and query sets are normalised by their own statistics."""
     accuracies = []
     options = dict(mean=split.mean, std=split.std, device=device, amp=config.amp, channels_last=config.channels_last,
@@ -109,7 +109,6 @@ def _evaluate_per_episode(backbone, split: ImageSplit, tasks: TaskIndices, head_
                 support_labels = torch.cat([support_labels, support_labels], dim=1)
             support = forward_images(backbone, support_images, **options).unsqueeze(0)
             query = forward_images(backbone, episode.query_images, **options).unsqueeze(0)
-            learner = BaseLearner.from_config(config.base_learner)
             weight, bias = learner.adapt(support, support_labels, head_weight.to(device), head_bias.to(device), tasks.n_way, temperature=temperature)
             predictions = learner.logits_of(query, weight, bias, temperature).argmax(-1)
             accuracies.append((predictions == episode.query_labels.to(device)).float().mean().item())
@@ -138,10 +137,11 @@ def _for_inference(backbone: nn.Module, config: Config, device: torch.device) ->
 
 
 def load_meta_model(run_dir: Path, config: Config, in_chans: int, device: torch.device,
-                    checkpoint: str | None = None) -> tuple[nn.Module, torch.Tensor, torch.Tensor, float, str]:
+                    checkpoint: str | None = None) -> tuple[nn.Module, torch.Tensor, torch.Tensor, float, str, BaseLearner]:
     """The meta-trained backbone (SS folded), theta and the cosine temperature from meta_train/`checkpoint`
     (default `meta_test.checkpoint`); without meta-training, the pre-trained backbone with theta at its
-    untrained init (the paper's 'no meta-training' row). Returns a source label too."""
+    untrained init (the paper's 'no meta-training' row). Returns a source label too, and last the
+    base-learner with what it meta-learned itself (E3BM's hyperprior learners)."""
     checkpoint = checkpoint or config.meta_test.checkpoint
     meta_stem, pre_stem = run_dir / "meta_train" / checkpoint, pretrained_stem(config, run_dir)
     if checkpoint_exists(meta_stem):
@@ -154,15 +154,17 @@ def load_meta_model(run_dir: Path, config: Config, in_chans: int, device: torch.
         fold_scale_shift(backbone)
         weight, bias = tensors["head.weight"], tensors["head.bias"]
         temperature = float(tensors["head.temperature"]) if "head.temperature" in tensors else config.base_learner.temperature
+        learner = BaseLearner.from_config(config.base_learner, tensors)
         source = f"meta_train/{checkpoint}"
     elif checkpoint_exists(pre_stem):
         backbone, weight, bias = _start_model(run_dir, config, in_chans)
         temperature = config.base_learner.temperature
+        learner = untrained_learner(config, backbone.out_features)
         source = f"pretrain/{pre_stem.name} (no meta-training)"
     else:
         raise FileNotFoundError(f"{run_dir} has no meta_train/{checkpoint} nor pretrain/{pre_stem.name} checkpoint; "
                                 "run `mtl pretrain` (and `mtl meta-train`) first.")
-    return _for_inference(backbone, config, device), weight.float(), bias.float(), temperature, source
+    return _for_inference(backbone, config, device), weight.float(), bias.float(), temperature, source, learner
 
 
 def evaluate_split(
@@ -181,12 +183,14 @@ def evaluate_split(
     seed: int,
     temperature: torch.Tensor | float | None = None,
     with_shifts: bool = True,
+    learner: BaseLearner | None = None,
 ) -> list[dict[str, Any]]:
     """Score a backbone + theta on seeded episodes of one split, for every (way, shot); the base
-    learner is `config.base_learner`'s, with `temperature` (default: its configured value).
-    `with_shifts=False` leaves out `model.shift_views` (validation during training, to keep each
-    check cheap; the test-time flip stays)."""
+    learner is `learner` (default: `config.base_learner`'s as meta-training starts it), with
+    `temperature` (default: its configured value). `with_shifts=False` leaves out
+    `model.shift_views` (validation during training, to keep each check cheap; the test-time flip stays)."""
     temperature = config.base_learner.temperature if temperature is None else temperature
+    learner = learner if learner is not None else untrained_learner(config, backbone.out_features)
     paper = protocol == "paper"
     shift_views = config.model.shift_views if with_shifts else 0
     options = dict(mean=split.mean, std=split.std, device=device, amp=config.amp, channels_last=config.channels_last,
@@ -209,10 +213,10 @@ def evaluate_split(
     results = []
     for n_way, n_shot, query, tasks in settings:
         if frozen:
-            accuracies = evaluate_features(features, tasks, head_weight, head_bias, learner=BaseLearner.from_config(config.base_learner),
-                                           temperature=temperature, flipped=flipped)
+            accuracies = evaluate_features(features, tasks, head_weight, head_bias, learner=learner, temperature=temperature, flipped=flipped)
         else:
-            accuracies = _evaluate_per_episode(backbone, split, tasks, head_weight, head_bias, config, device, paper, temperature, shift_views)
+            accuracies = _evaluate_per_episode(backbone, split, tasks, head_weight, head_bias, config, device, paper, temperature, shift_views,
+                                               learner)
         accuracy, ci95 = confidence_interval(accuracies)
         results.append({
             "dataset": split.dataset, "split": split.split, "way": n_way, "shot": n_shot, "query": query,
@@ -262,9 +266,9 @@ def score_run(run_dir: Path, config: Config, split: ImageSplit, device: torch.de
     per_shot = _checkpoint_per_shot(run_dir, config)
     results, sources = [], []
     for checkpoint in dict.fromkeys(per_shot.values()):
-        backbone, weight, bias, temperature, source = load_meta_model(run_dir, config, in_chans, device, checkpoint)
+        backbone, weight, bias, temperature, source, learner = load_meta_model(run_dir, config, in_chans, device, checkpoint)
         shots = [shot for shot, name in per_shot.items() if name == checkpoint]
-        scored = evaluate_split(backbone, weight, bias, split, config, device, temperature=temperature, shots=shots, **options)
+        scored = evaluate_split(backbone, weight, bias, split, config, device, temperature=temperature, shots=shots, learner=learner, **options)
         if source.startswith("meta_train"):
             start_backbone, start_weight, start_bias = load_start_model(run_dir, config, in_chans, device)
             for result, start in zip(scored, evaluate_split(start_backbone, start_weight, start_bias, split, config, device, shots=shots, **options)):

@@ -4,7 +4,9 @@ Each meta-iteration draws T tasks (normal, or hard ones from the HT scheduler), 
 support and query images through the backbone at once, fine-tunes T copies of the linear
 base-learner from theta on the support features (batched closed-form inner loop), and updates SS
 and theta with the query loss of the adapted learners (Sun et al. 2019, Algorithm 1 and 2).
-`model.adapt=ft` meta-trains all conv weights instead of SS, the paper's FT ablation.
+`model.adapt=ft` meta-trains all conv weights instead of SS, the paper's FT ablation. With
+`base_learner.ensemble=e3bm` the base-learner's own hyperprior learners (E3BM) are meta-learned with
+SS, at `meta_train.lr_hyperprior`.
 Under torchrun every rank draws the same meta-batch, computes the loss of its equal share of the T
 tasks, and the gradients are averaged; the HT scheduler sees all tasks' accuracies on every rank.
 """
@@ -30,7 +32,7 @@ from metatransfer.models.head import BaseLearner, per_class_accuracy
 from metatransfer.models.scale_shift import apply_scale_shift, scale_shift_parameters, scale_shift_penalty
 from metatransfer.phases.features import (
     backbone_meta, batch_statistics, class_subset, forward_images, held_out_classes, load_pretrained_backbone, pretrained_stem, shot_best_stem, start_phase,
-    untrained_theta,
+    untrained_learner, untrained_theta,
 )
 from metatransfer.phases import pretrain
 from metatransfer.phases.hard_tasks import HardTaskScheduler
@@ -92,11 +94,14 @@ def _task_features(backbone: nn.Module, episode: Episode, config: Config, device
 def meta_batch_loss(
     backbone: nn.Module, head_weight: torch.Tensor, head_bias: torch.Tensor, episode: Episode,
     config: Config, device: torch.device, mean, std, temperature: torch.Tensor | float | None = None, augment=None,
+    learner: BaseLearner | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Query loss of the adapted base-learners, plus (T, N) per-class query accuracy and loss;
-    `augment` maps each normalised image batch before the backbone (meta_train.augment)."""
+    `augment` maps each normalised image batch before the backbone (meta_train.augment); `learner`
+    is the base-learner with what it learns itself (E3BM's hyperprior learners; default:
+    `config.base_learner`'s settings alone)."""
     n_way = head_weight.shape[0]
-    learner = BaseLearner.from_config(config.base_learner)
+    learner = learner if learner is not None else BaseLearner.from_config(config.base_learner)
     temperature = config.base_learner.temperature if temperature is None else temperature
     support, query = _task_features(backbone, episode, config, device, mean, std, augment)
     if config.meta_train.first_order:
@@ -131,6 +136,11 @@ def _learning_rates(config: Config, iteration: int) -> tuple[float, float]:
     return config.meta_train.lr_ss * decay, config.meta_train.lr_head * decay
 
 
+def _hyperprior_rate(config: Config, iteration: int) -> float:
+    """meta_train.lr_hyperprior, decayed as the other two rates."""
+    return config.meta_train.lr_hyperprior * config.meta_train.lr_gamma ** (iteration // config.meta_train.lr_decay_every)
+
+
 def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     """Meta-train from `pretrain/best`; writes `meta_train/best` (by validation), `meta_train/last`,
     and with `meta_train.val_shots` a `meta_train/best-<K>shot` per further shot."""
@@ -157,8 +167,12 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     learned_head += [head_temperature] if config.base_learner.learn_temperature else []
     for parameter in (head_weight, head_bias, head_temperature):
         parameter.requires_grad_(any(parameter is learned for learned in learned_head))
+    learner = untrained_learner(config, backbone.out_features)  # with E3BM, its hyperprior learners are meta-learned too
+    hyperprior = list(learner.hyperprior.to(device).parameters()) if learner.hyperprior is not None else []
     groups = [{"params": trainable, "lr": meta.lr_ss, "name": "adapt"}]
-    optimizer = torch.optim.Adam(groups + ([{"params": learned_head, "lr": meta.lr_head, "name": "head"}] if learned_head else []))
+    groups += [{"params": learned_head, "lr": meta.lr_head, "name": "head"}] if learned_head else []
+    groups += [{"params": hyperprior, "lr": meta.lr_hyperprior, "name": "hyperprior"}] if hyperprior else []
+    optimizer = torch.optim.Adam(groups)
     sampler = TaskSampler(train.labels, n_way=meta.n_way, n_shot=meta.n_shot, n_query=meta.n_query, seed=config.seed, class_names=train.class_names)
     hard = HardTaskScheduler(meta.hard_tasks, meta.n_way)
     model_meta = {**backbone_meta(config, backbone, in_chans), "adapt": config.model.adapt, "ss_mode": config.model.ss_mode,
@@ -174,7 +188,8 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
 
     def model_tensors() -> dict[str, torch.Tensor]:
         tensors = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
-        return {**tensors, "head.weight": head_weight.detach(), "head.bias": head_bias.detach(), "head.temperature": head_temperature.detach()}
+        return {**tensors, "head.weight": head_weight.detach(), "head.bias": head_bias.detach(), "head.temperature": head_temperature.detach(),
+                **learner.tensors()}
 
     def save_last(iteration: int) -> None:
         if not is_main():
@@ -200,6 +215,8 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
             head_bias.copy_(tensors["head.bias"])
             if "head.temperature" in tensors:  # runs from before the base-learner options have none
                 head_temperature.copy_(tensors["head.temperature"])
+        if learner.hyperprior is not None:
+            learner.hyperprior.load_state_dict(tensors_under(tensors, "hyperprior"))
         optimizer_from_tensors(optimizer, tensors, saved["optimizer"], "optimizer")
         restore_rng_state(tensors, device)
         sampler.load_state_dict(saved["sampler"])
@@ -235,7 +252,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         nonlocal best_accuracy
         result, *others = evaluate_split(
             backbone, head_weight.detach(), head_bias.detach(), val, config, device, ways=[meta.n_way], shots=[meta.n_shot, *extra_shots],
-            temperature=head_temperature.detach(),
+            temperature=head_temperature.detach(), learner=learner,
             episodes=meta.val_episodes, n_query=config.meta_test.n_query, protocol="standard", seed=meta.val_seed,
             with_shifts=False,  # each check stays as cheap as the flip alone makes it
         )
@@ -255,13 +272,13 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     progress = progress_bar(range(start, meta.iterations), desc="meta-train", initial=start, total=meta.iterations, dynamic_ncols=True, disable=not is_main())
     for iteration in progress:
         lr_ss, lr_head = _learning_rates(config, iteration)
-        for index, group in enumerate(optimizer.param_groups):  # 0: SS (or FT); 1, if learned: theta / temperature
-            group["lr"] = lr_ss if index == 0 else lr_head
+        for group in optimizer.param_groups:  # SS (or FT); if learned, theta / temperature; with E3BM, the hyperprior learners
+            group["lr"] = {"adapt": lr_ss, "head": lr_head, "hyperprior": _hyperprior_rate(config, iteration)}[group["name"]]
         kind = hard.next_kind(iteration)
         tasks = hard.sample(kind, sampler, meta.n_tasks)
         episode = gather_episode(train.images, _task_slice(tasks, shard))
         loss, accuracy, class_loss = meta_batch_loss(backbone, head_weight, head_bias, episode, config, device, train.mean, train.std,
-                                                     temperature=head_temperature, augment=_augmentation(config, iteration, device))
+                                                     temperature=head_temperature, augment=_augmentation(config, iteration, device), learner=learner)
         loss_value = all_reduce_sum(loss.detach()).item() / world_size()  # every rank checks the same value
         if not np.isfinite(loss_value):
             raise FloatingPointError(
@@ -272,7 +289,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
             loss = loss + meta.ss_l2 * scale_shift_penalty(backbone)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        all_reduce_gradients([*trainable, *learned_head])
+        all_reduce_gradients([*trainable, *learned_head, *hyperprior])
         optimizer.step()
         accuracy, class_loss = all_gather(accuracy), all_gather(class_loss)  # (T, N): every task, in order
         hard.observe(kind, tasks, accuracy, class_loss)
