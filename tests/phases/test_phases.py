@@ -48,8 +48,8 @@ def _files(run_dir: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def smoke_run(fc100_small, tmp_path_factory) -> Path:
-    """`mtl run --preset smoke` on small FC100: every phase, every checkpoint."""
+def small_smoke_run(fc100_small, tmp_path_factory) -> Path:
+    """`mtl run --preset smoke` on small FC100: every phase, every checkpoint (fixtures_run.smoke_run is on the full cache)."""
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
     assert main(["run", *_run_args(fc100_small, run_dir)]) == 0
     return run_dir
@@ -67,16 +67,16 @@ def _variant(base: Path, target: Path, data, overrides: list[str], copy: tuple[s
 
 # mtl run ------------------------------------------------------------------------------------------
 
-def test_run_dir_holds_config_metrics_checkpoints_and_results(smoke_run, fc100_small):
+def test_run_dir_holds_config_metrics_checkpoints_and_results(small_smoke_run, fc100_small):
     for name in ("config.yaml", "metrics.jsonl", "results.json"):
-        assert (smoke_run / name).is_file(), name
+        assert (small_smoke_run / name).is_file(), name
     for phase in ("pretrain", "meta_train"):
         for stem in ("best", "last"):
-            assert (smoke_run / phase / f"{stem}.json").is_file()
-            assert (smoke_run / phase / f"{stem}.safetensors").is_file()
-    config = yaml.safe_load((smoke_run / "config.yaml").read_text())
+            assert (small_smoke_run / phase / f"{stem}.json").is_file()
+            assert (small_smoke_run / phase / f"{stem}.safetensors").is_file()
+    config = yaml.safe_load((small_smoke_run / "config.yaml").read_text())
     assert config["data"]["root"] == str(fc100_small[0]) and config["model"]["backbone"] == "conv4"
-    results = json.loads((smoke_run / "results.json").read_text())
+    results = json.loads((small_smoke_run / "results.json").read_text())
     assert len(results) == 1
     result = results[0]
     assert RESULT_KEYS <= set(result)
@@ -84,57 +84,57 @@ def test_run_dir_holds_config_metrics_checkpoints_and_results(smoke_run, fc100_s
     assert 0 <= result["accuracy"] <= 100 and result["ci95"] > 0
 
 
-def test_per_episode_file_agrees_with_the_result(smoke_run):
-    result = json.loads((smoke_run / "results.json").read_text())[0]
-    episodes = json.loads((smoke_run / "meta_test" / "episodes-5way-1shot-standard.json").read_text())["per_episode_accuracy"]
+def test_per_episode_file_agrees_with_the_result(small_smoke_run):
+    result = json.loads((small_smoke_run / "results.json").read_text())[0]
+    episodes = json.loads((small_smoke_run / "meta_test" / "episodes-5way-1shot-standard.json").read_text())["per_episode_accuracy"]
     assert len(episodes) == 20 and all(0 <= a <= 1 for a in episodes)
     assert sum(episodes) / len(episodes) * 100 == pytest.approx(result["accuracy"], abs=0.01)
 
 
-def test_checkpoints_are_safetensors_and_json_without_temp_files(smoke_run):
-    names = [p.name for p in smoke_run.rglob("*") if p.is_file()]
+def test_checkpoints_are_safetensors_and_json_without_temp_files(small_smoke_run):
+    names = [p.name for p in small_smoke_run.rglob("*") if p.is_file()]
     assert not [n for n in names if ".tmp" in n], names
     assert not [n for n in names if n.endswith((".pt", ".pth", ".pkl", ".ckpt"))]
-    meta = json.loads((smoke_run / "meta_train" / "best.json").read_text())
+    meta = json.loads((small_smoke_run / "meta_train" / "best.json").read_text())
     assert meta["backbone"] == "conv4" and meta["adapt"] == "ss" and meta["dataset"] == "fc100-small"
-    tensors = load_file(str(smoke_run / "meta_train" / "best.safetensors"))
+    tensors = load_file(str(small_smoke_run / "meta_train" / "best.safetensors"))
     assert tensors["head.weight"].shape == (5, meta["out_features"])
     assert any("scale" in key for key in tensors)  # the scale-shift parameters are saved
 
 
-def test_metrics_log_hard_task_accuracy_and_hard_classes_have_names(smoke_run, fc100_small):
-    records = _records(smoke_run)
+def test_metrics_log_hard_task_accuracy_and_hard_classes_have_names(small_smoke_run, fc100_small):
+    records = _records(small_smoke_run)
     assert {r["phase"] for r in records} >= {"pretrain", "meta_train", "meta_train_val"}
     meta_records = [r for r in records if r["phase"] == "meta_train"]
     assert meta_records and "normal_task_accuracy" in meta_records[-1] and "hard_task_accuracy" in meta_records[-1]
     assert 0 <= meta_records[-1]["hard_task_accuracy"] <= 100
-    hard_classes = json.loads((smoke_run / "meta_train" / "hard_classes.json").read_text())
+    hard_classes = json.loads((small_smoke_run / "meta_train" / "hard_classes.json").read_text())
     train_names = set(load_split(*fc100_small, "train").class_names)
     assert hard_classes and set(hard_classes) <= train_names
     # every normal task contributes one failure class
     assert sum(hard_classes.values()) == meta_records[-1]["normal_tasks"]
 
 
-def test_meta_test_alone_on_the_run_dir_is_deterministic(smoke_run, fc100_small, capsys):
+def test_meta_test_alone_on_the_run_dir_is_deterministic(small_smoke_run, fc100_small, capsys):
     """Frozen BN: the same seed gives the same episodes and exactly the same accuracies."""
-    before = json.loads((smoke_run / "results.json").read_text())
-    episodes_path = smoke_run / "meta_test" / "episodes-5way-1shot-standard.json"
+    before = json.loads((small_smoke_run / "results.json").read_text())
+    episodes_path = small_smoke_run / "meta_test" / "episodes-5way-1shot-standard.json"
     episodes_before = episodes_path.read_text()
-    assert main(["meta-test", *_run_args(fc100_small, smoke_run)]) == 0
+    assert main(["meta-test", *_run_args(fc100_small, small_smoke_run)]) == 0
     assert "meta-test of meta_train/best" in capsys.readouterr().out
-    assert json.loads((smoke_run / "results.json").read_text()) == before
+    assert json.loads((small_smoke_run / "results.json").read_text()) == before
     assert episodes_path.read_text() == episodes_before
 
 
-def test_meta_test_with_resume_reads_the_saved_config(smoke_run):
-    before = json.loads((smoke_run / "results.json").read_text())
-    assert main(["meta-test", "--out", str(smoke_run), "--resume"]) == 0
-    assert json.loads((smoke_run / "results.json").read_text()) == before
+def test_meta_test_with_resume_reads_the_saved_config(small_smoke_run):
+    before = json.loads((small_smoke_run / "results.json").read_text())
+    assert main(["meta-test", "--out", str(small_smoke_run), "--resume"]) == 0
+    assert json.loads((small_smoke_run / "results.json").read_text()) == before
 
 
-def test_meta_test_resume_rescores_with_the_last_checkpoint_beside_the_best(smoke_run, tmp_path, capsys):
+def test_meta_test_resume_rescores_with_the_last_checkpoint_beside_the_best(small_smoke_run, tmp_path, capsys):
     run_dir = tmp_path / "rescored"
-    shutil.copytree(smoke_run, run_dir)
+    shutil.copytree(small_smoke_run, run_dir)
     best = json.loads((run_dir / "results.json").read_text())
     config_before = (run_dir / "config.yaml").read_text()
     assert main(["meta-test", "--resume", str(run_dir), "meta_test.checkpoint=last", "meta_test.n_shot=1"]) == 0
@@ -148,9 +148,9 @@ def test_meta_test_resume_rescores_with_the_last_checkpoint_beside_the_best(smok
     assert main(["meta-test", "--resume", str(run_dir), "model.backbone=conv4"]) == 2  # not a meta_test.* key
 
 
-def test_meta_test_resume_rescores_with_the_test_time_flip_and_shifts_beside_the_plain_scores(smoke_run, tmp_path):
+def test_meta_test_resume_rescores_with_the_test_time_flip_and_shifts_beside_the_plain_scores(small_smoke_run, tmp_path):
     run_dir = tmp_path / "rescored"
-    shutil.copytree(smoke_run, run_dir)
+    shutil.copytree(small_smoke_run, run_dir)
     plain = json.loads((run_dir / "results.json").read_text())
     config_before = (run_dir / "config.yaml").read_text()
     assert main(["meta-test", "--resume", str(run_dir), "model.flip_average=true"]) == 0
@@ -172,7 +172,7 @@ def test_meta_test_resume_rescores_with_the_test_time_flip_and_shifts_beside_the
     assert (run_dir / "config.yaml").read_text() == config_before
 
 
-def test_test_time_shifts_change_the_scores_of_the_delivered_model_only(smoke_run, fc100_small, tmp_path):
+def test_test_time_shifts_change_the_scores_of_the_delivered_model_only(small_smoke_run, fc100_small, tmp_path):
     """model.shift_views is left out of validation: a run with it trains, validates and keeps exactly
     what the same run without it does, and only its meta-test rows score otherwise."""
     out = tmp_path / "shifted"
@@ -181,38 +181,38 @@ def test_test_time_shifts_change_the_scores_of_the_delivered_model_only(smoke_ru
     def trained(run_dir: Path) -> list[dict]:
         return [{k: v for k, v in r.items() if k != "time"} for r in _records(run_dir)]
 
-    assert trained(out) == trained(smoke_run) and any("val_accuracy" in r for r in trained(out))
+    assert trained(out) == trained(small_smoke_run) and any("val_accuracy" in r for r in trained(out))
     for stem in ("pretrain/best", "meta_train/best"):
-        mine, theirs = load_checkpoint(out / stem)[0], load_checkpoint(smoke_run / stem)[0]
+        mine, theirs = load_checkpoint(out / stem)[0], load_checkpoint(small_smoke_run / stem)[0]
         assert mine.keys() == theirs.keys() and all(mine[k].equal(theirs[k]) for k in mine)
-    rows, plain = (json.loads((run / "results.json").read_text()) for run in (out, smoke_run))
+    rows, plain = (json.loads((run / "results.json").read_text()) for run in (out, small_smoke_run))
     assert [r["shift_views"] for r in rows] == [2] * len(plain) and [r["shift_views"] for r in plain] == [0] * len(plain)
     shifted = json.loads((out / "meta_test" / "episodes-5way-1shot-standard-shift2.json").read_text())
-    unshifted = json.loads((smoke_run / "meta_test" / "episodes-5way-1shot-standard.json").read_text())
+    unshifted = json.loads((small_smoke_run / "meta_test" / "episodes-5way-1shot-standard.json").read_text())
     assert shifted["per_episode_accuracy"] != unshifted["per_episode_accuracy"]
     assert shifted["start_per_episode_accuracy"] != unshifted["start_per_episode_accuracy"]  # the start is scored alike
 
 
-def test_run_again_on_a_complete_run_resumes_and_trains_nothing(smoke_run, fc100_small, capsys):
-    checkpoints = {k: v for k, v in _files(smoke_run).items() if k.startswith(("pretrain", "meta_train"))}
-    assert main(["run", *_run_args(fc100_small, smoke_run)]) == 0
+def test_run_again_on_a_complete_run_resumes_and_trains_nothing(small_smoke_run, fc100_small, capsys):
+    checkpoints = {k: v for k, v in _files(small_smoke_run).items() if k.startswith(("pretrain", "meta_train"))}
+    assert main(["run", *_run_args(fc100_small, small_smoke_run)]) == 0
     out = capsys.readouterr().out
     assert "pre-train already complete" in out and "meta-train already complete" in out
-    assert {k: v for k, v in _files(smoke_run).items() if k.startswith(("pretrain", "meta_train"))} == checkpoints
+    assert {k: v for k, v in _files(small_smoke_run).items() if k.startswith(("pretrain", "meta_train"))} == checkpoints
 
 
-def test_run_with_other_overrides_on_the_same_out_fails(smoke_run, fc100_small, capsys):
-    config_before = (smoke_run / "config.yaml").read_text()
-    assert main(["run", *_run_args(fc100_small, smoke_run, "meta_train.iterations=9")]) == 2
+def test_run_with_other_overrides_on_the_same_out_fails(small_smoke_run, fc100_small, capsys):
+    config_before = (small_smoke_run / "config.yaml").read_text()
+    assert main(["run", *_run_args(fc100_small, small_smoke_run, "meta_train.iterations=9")]) == 2
     error = capsys.readouterr().err
     assert "another configuration" in error and "meta_train.iterations" in error
-    assert (smoke_run / "config.yaml").read_text() == config_before
+    assert (small_smoke_run / "config.yaml").read_text() == config_before
 
 
 # variants from the smoke run's checkpoints ----------------------------------------------------------
 
-def test_meta_test_paper_protocol(smoke_run, fc100_small, tmp_path):
-    config = _variant(smoke_run, tmp_path, fc100_small, ["meta_test.protocol=paper"], copy=("pretrain", "meta_train"))
+def test_meta_test_paper_protocol(small_smoke_run, fc100_small, tmp_path):
+    config = _variant(small_smoke_run, tmp_path, fc100_small, ["meta_test.protocol=paper"], copy=("pretrain", "meta_train"))
     (result,) = meta_test.run(config, tmp_path, log=_quiet)
     assert (result["protocol"], result["shot"], result["query"]) == ("paper", 1, 1)
     assert 0 <= result["accuracy"] <= 100
@@ -221,16 +221,16 @@ def test_meta_test_paper_protocol(smoke_run, fc100_small, tmp_path):
     assert all(round(a * 5) == pytest.approx(a * 5) for a in episodes)  # 5 queries: multiples of 1/5
 
 
-def test_batch_statistics_meta_train_and_meta_test(smoke_run, fc100_small, tmp_path):
-    config = _variant(smoke_run, tmp_path, fc100_small, ["model.bn_mode=batch"])
+def test_batch_statistics_meta_train_and_meta_test(small_smoke_run, fc100_small, tmp_path):
+    config = _variant(small_smoke_run, tmp_path, fc100_small, ["model.bn_mode=batch"])
     meta_train.run(config, tmp_path, log=_quiet)
     (result,) = meta_test.run(config, tmp_path, log=_quiet)
     assert result["bn_mode"] == "batch" and result["episodes"] == 20
     assert 0 <= result["accuracy"] <= 100
 
 
-def test_fine_tuning_ablation_meta_trains_the_convs(smoke_run, fc100_small, tmp_path):
-    config = _variant(smoke_run, tmp_path, fc100_small, ["model.adapt=ft"])
+def test_fine_tuning_ablation_meta_trains_the_convs(small_smoke_run, fc100_small, tmp_path):
+    config = _variant(small_smoke_run, tmp_path, fc100_small, ["model.adapt=ft"])
     meta_train.run(config, tmp_path, log=_quiet)
     pretrained = load_file(str(tmp_path / "pretrain" / "best.safetensors"))
     last = load_file(str(tmp_path / "meta_train" / "last.safetensors"))
@@ -243,7 +243,7 @@ def test_fine_tuning_ablation_meta_trains_the_convs(smoke_run, fc100_small, tmp_
     assert 0 <= result["accuracy"] <= 100
 
 
-def test_base_learner_options_meta_train_and_reach_meta_test_predict_and_export(smoke_run, fc100_small, tmp_path):
+def test_base_learner_options_meta_train_and_reach_meta_test_predict_and_export(small_smoke_run, fc100_small, tmp_path):
     """Prototype init, cosine logits with a learned temperature and a frozen theta: meta-train learns
     only what it should, and meta-test, the Python API and an export bundle score with the same learner."""
     import numpy as np
@@ -253,7 +253,7 @@ def test_base_learner_options_meta_train_and_reach_meta_test_predict_and_export(
 
     options = ["base_learner.fc_init=prototypes", "base_learner.prototype_normalise=true", "base_learner.logits=cosine",
                "base_learner.learn_temperature=true", "base_learner.learn_theta=false", "meta_train.lr_head=0.1"]
-    config = _variant(smoke_run, tmp_path / "run", fc100_small, options)
+    config = _variant(small_smoke_run, tmp_path / "run", fc100_small, options)
     meta_train.run(config, tmp_path / "run", log=_quiet)
     last = load_file(str(tmp_path / "run" / "meta_train" / "last.safetensors"))
     assert torch.equal(last["head.weight"], torch.zeros_like(last["head.weight"]))  # frozen theta: no offset learned
@@ -311,15 +311,15 @@ def _scale_drift(run_dir: Path) -> float:
     return sum(float((last[k] - 1).abs().sum()) for k in last if k.endswith(".scale"))
 
 
-def test_meta_training_options_augment_pull_to_identity_and_bn_affine(smoke_run, fc100_small, tmp_path):
+def test_meta_training_options_augment_pull_to_identity_and_bn_affine(small_smoke_run, fc100_small, tmp_path):
     common = ["meta_train.lr_ss=0.05"]
-    plain = _variant(smoke_run, tmp_path / "plain", fc100_small, common)
+    plain = _variant(small_smoke_run, tmp_path / "plain", fc100_small, common)
     meta_train.run(plain, tmp_path / "plain", log=_quiet)
-    pulled = _variant(smoke_run, tmp_path / "pulled", fc100_small, [*common, "meta_train.ss_l2=100", "meta_train.augment=true",
+    pulled = _variant(small_smoke_run, tmp_path / "pulled", fc100_small, [*common, "meta_train.ss_l2=100", "meta_train.augment=true",
                                                                       "model.ss_bn_affine=true"])
     meta_train.run(pulled, tmp_path / "pulled", log=_quiet)
     assert _scale_drift(tmp_path / "pulled") < 0.5 * _scale_drift(tmp_path / "plain")  # the L2 pull holds SS near identity
-    pretrained = load_file(str(smoke_run / "pretrain" / "best.safetensors"))
+    pretrained = load_file(str(small_smoke_run / "pretrain" / "best.safetensors"))
     for run, learned in (("plain", False), ("pulled", True)):
         last = load_file(str(tmp_path / run / "meta_train" / "last.safetensors"))
         bn = [k for k in pretrained if k.startswith("backbone.features") and k.endswith(".1.weight")]  # conv4: conv, BN, ...
@@ -368,8 +368,8 @@ def test_pre_training_holds_out_base_classes_that_meta_training_then_uses(fc100_
         meta_train.run(config, out, log=_quiet)
 
 
-def test_each_validated_shot_keeps_its_own_checkpoint_and_meta_test_scores_that_shot_with_it(smoke_run, fc100_small, tmp_path):
-    config = _variant(smoke_run, tmp_path, fc100_small, ["meta_train.val_shots=5", "meta_test.n_shot=5,1", "meta_test.n_query=5", "meta_train.lr_ss=0.05"])
+def test_each_validated_shot_keeps_its_own_checkpoint_and_meta_test_scores_that_shot_with_it(small_smoke_run, fc100_small, tmp_path):
+    config = _variant(small_smoke_run, tmp_path, fc100_small, ["meta_train.val_shots=5", "meta_test.n_shot=5,1", "meta_test.n_query=5", "meta_train.lr_ss=0.05"])
     lines: list[str] = []
     meta_train.run(config, tmp_path, log=lines.append)
     val = [r for r in _records(tmp_path) if r["phase"] == "meta_train_val"]
@@ -391,19 +391,19 @@ def test_each_validated_shot_keeps_its_own_checkpoint_and_meta_test_scores_that_
         check_config(load_config("smoke", ["meta_train.val_shots=0"]))
 
 
-def test_meta_test_without_meta_training_uses_the_pretrained_backbone(smoke_run, fc100_small, tmp_path):
-    config = _variant(smoke_run, tmp_path, fc100_small, [])
+def test_meta_test_without_meta_training_uses_the_pretrained_backbone(small_smoke_run, fc100_small, tmp_path):
+    config = _variant(small_smoke_run, tmp_path, fc100_small, [])
     (result,) = meta_test.run(config, tmp_path, log=_quiet)
     assert result["model"].startswith("pretrain/best")
 
 
 @pytest.mark.parametrize("overrides", [[], ["meta_train.val_shots=5", "meta_test.n_query=5"], ["base_learner.ensemble=e3bm", "meta_train.lr_hyperprior=0.01"]],
                          ids=["one-shot", "val-shots", "e3bm"])
-def test_interrupted_meta_train_resumes_to_the_same_model(smoke_run, fc100_small, tmp_path, monkeypatch, overrides):
+def test_interrupted_meta_train_resumes_to_the_same_model(small_smoke_run, fc100_small, tmp_path, monkeypatch, overrides):
     """Stopped after the checkpoint at iteration 3 of 6, a rerun continues to identical weights."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    config = _variant(smoke_run, straight, fc100_small, overrides)
-    _variant(smoke_run, resumed, fc100_small, overrides)
+    config = _variant(small_smoke_run, straight, fc100_small, overrides)
+    _variant(small_smoke_run, resumed, fc100_small, overrides)
     meta_train.run(config, straight, log=_quiet)
 
     calls = {"n": 0}
@@ -460,18 +460,18 @@ def test_paper_preset_runs_end_to_end(preset, data_fixture, request, tmp_path):
     assert all(r["episodes"] == 5 and 0 <= r["accuracy"] <= 100 for r in results)
 
 
-def test_pre_training_distils_a_finished_run(smoke_run, fc100_small, tmp_path, capsys):
+def test_pre_training_distils_a_finished_run(small_smoke_run, fc100_small, tmp_path, capsys):
     """pretrain.distill_from: weight 0 is plain cross-entropy bit for bit (dropout on, so the teacher must not
     draw from the random stream); weight 1 ends nearer the teacher's predictions than weight 0 does."""
     student = ["seed=1", "model.drop_rate=0.1"]
-    teach = [f"pretrain.distill_from={smoke_run}"]
+    teach = [f"pretrain.distill_from={small_smoke_run}"]
     runs = {"plain": student, "0": [*student, *teach, "pretrain.distill_weight=0"], "1": [*student, *teach, "pretrain.distill_weight=1"]}
     for name, overrides in runs.items():
         assert main(["pretrain", *_run_args(fc100_small, tmp_path / name, *overrides)]) == 0
     first_conv = {name: load_file(str(tmp_path / name / "pretrain" / "last.safetensors"))["backbone.features.0.0.weight"] for name in runs}
     assert first_conv["0"].equal(first_conv["plain"]) and not first_conv["1"].equal(first_conv["plain"])
     saved = yaml.safe_load((tmp_path / "1" / "config.yaml").read_text())["pretrain"]
-    assert saved["distill_from"] == str(smoke_run.resolve()) and len(saved["distill_sha256"]) == 64  # pinned when the run starts
+    assert saved["distill_from"] == str(small_smoke_run.resolve()) and len(saved["distill_sha256"]) == 64  # pinned when the run starts
 
     config = load_config("smoke", [f"data.root={fc100_small[0]}", f"data.name={fc100_small[1]}"])
     train = load_split(*fc100_small, "train")
@@ -484,12 +484,12 @@ def test_pre_training_distils_a_finished_run(smoke_run, fc100_small, tmp_path, c
         with torch.no_grad():
             return network(x)
 
-    teacher = logits_of(smoke_run)
+    teacher = logits_of(small_smoke_run)
     distance = {name: float(pretrain.distillation_loss(logits_of(tmp_path / name), teacher, 4.0)) for name in ("0", "1")}
     assert distance["1"] < distance["0"]
 
 
-def test_generations_pre_train_their_teachers_within_the_run(smoke_run, fc100_small, tmp_path, capsys):
+def test_generations_pre_train_their_teachers_within_the_run(small_smoke_run, fc100_small, tmp_path, capsys):
     """pretrain.generations=2 is `mtl pretrain` twice, the second taught by the first, bit for bit; a
     resumed run keeps the finished generation; meta-training a given backbone pre-trains nothing."""
     student = ["seed=1", "model.drop_rate=0.1"]
@@ -513,7 +513,7 @@ def test_generations_pre_train_their_teachers_within_the_run(smoke_run, fc100_sm
     assert f"already complete in {born} " in resumed and "pre-train generation" not in resumed  # finished: its teachers are not even visited
     assert _files(born / "generations" / "1") == generation_files
     transfer = tmp_path / "transfer"  # `mtl meta-train --init-from`: the backbone as it is, 0 epochs, no teachers
-    assert main(["meta-train", "--init-from", str(smoke_run), *_run_args(fc100_small, transfer, "pretrain.generations=2")]) == 0
+    assert main(["meta-train", "--init-from", str(small_smoke_run), *_run_args(fc100_small, transfer, "pretrain.generations=2")]) == 0
     assert (transfer / "meta_train" / "best.json").is_file() and not (transfer / "generations").exists()
 
 
@@ -545,7 +545,7 @@ def test_a_resumed_generation_is_taught_by_the_teacher_it_started_with(fc100_sma
     assert json.loads((born / "pretrain" / "last.json").read_text())["complete"]
 
 
-def test_a_resumed_run_keeps_the_teacher_it_started_with_or_none(smoke_run, fc100_small, tmp_path, monkeypatch, capsys):
+def test_a_resumed_run_keeps_the_teacher_it_started_with_or_none(small_smoke_run, fc100_small, tmp_path, monkeypatch, capsys):
     """A config.yaml edited between stop and resume must not add or drop the teacher mid-run: the
     checkpoint's pin says which loss the epochs so far were trained with, and the resume is refused."""
 
@@ -554,7 +554,7 @@ def test_a_resumed_run_keeps_the_teacher_it_started_with_or_none(smoke_run, fc10
         if stem.name == "last" and meta["epoch"] == 1:
             raise KeyboardInterrupt
 
-    edits = {"taught": (f"pretrain.distill_from={smoke_run}", ""), "plain": ("seed=0", str(smoke_run))}
+    edits = {"taught": (f"pretrain.distill_from={small_smoke_run}", ""), "plain": ("seed=0", str(small_smoke_run))}
     for name, (override, edited) in edits.items():
         run_dir = tmp_path / name
         monkeypatch.setattr(pretrain, "save_checkpoint", stop_after_the_first_epoch)
@@ -575,16 +575,16 @@ def test_a_resumed_run_keeps_the_teacher_it_started_with_or_none(smoke_run, fc10
         assert json.loads((run_dir / "pretrain" / "last.json").read_text())["complete"]
 
 
-def test_a_teacher_must_have_finished_pre_training_on_the_same_classes(smoke_run, fc100_small, tmp_path, capsys):
+def test_a_teacher_must_have_finished_pre_training_on_the_same_classes(small_smoke_run, fc100_small, tmp_path, capsys):
     other_classes = tmp_path / "held-out"
     assert main(["pretrain", *_run_args(fc100_small, other_classes, "pretrain.held_out_classes=12")]) == 0
     with_teacher = lambda teacher: load_config("smoke", [f"data.root={fc100_small[0]}", f"data.name={fc100_small[1]}",  # noqa: E731
                                                          f"pretrain.distill_from={teacher}"])
     with pytest.raises(ValueError, match="learned 48 classes.*same base classes"):
         pretrain.run(pretrain.resolve_teacher(with_teacher(other_classes)), tmp_path / "student", log=_quiet)
-    pinned = pretrain.resolve_teacher(with_teacher(smoke_run))
+    pinned = pretrain.resolve_teacher(with_teacher(small_smoke_run))
     copied = tmp_path / "copied-teacher"
-    shutil.copytree(smoke_run, copied)
+    shutil.copytree(small_smoke_run, copied)
     changed = replace(pinned, pretrain=replace(pinned.pretrain, distill_from=str(copied), distill_sha256="0" * 64))
     with pytest.raises(ValueError, match="changed since this run started"):
         pretrain.load_teacher(changed, 3, 60, torch.device("cpu"))
@@ -593,7 +593,7 @@ def test_a_teacher_must_have_finished_pre_training_on_the_same_classes(smoke_run
     with pytest.raises(FileNotFoundError, match="has not finished"):
         pretrain.resolve_teacher(with_teacher(other_classes))
     transferred = tmp_path / "transferred"  # pre-trained for 0 epochs: its classifier never learned
-    assert main(["pretrain", *_run_args(fc100_small, transferred, "pretrain.epochs=0", f"model.init_from={smoke_run}")]) == 0
+    assert main(["pretrain", *_run_args(fc100_small, transferred, "pretrain.epochs=0", f"model.init_from={small_smoke_run}")]) == 0
     with pytest.raises(ValueError, match="0 epochs"):
         pretrain.resolve_teacher(with_teacher(transferred))
     student = tmp_path / "never-written"
@@ -601,7 +601,7 @@ def test_a_teacher_must_have_finished_pre_training_on_the_same_classes(smoke_run
     assert "is not a run directory" in capsys.readouterr().err and not student.exists()  # refused before anything is written
 
 
-def test_pre_training_with_rotation_self_supervision(smoke_run, fc100_small, tmp_path):
+def test_pre_training_with_rotation_self_supervision(small_smoke_run, fc100_small, tmp_path):
     """pretrain.rotation_weight: 0 is plain pre-training bit for bit (dropout on); above 0 the run trains
     and keeps a 4-way rotation head beside the class head, its backbone differs, and it learns the
     turns of its training images well above the 25% of chance."""
