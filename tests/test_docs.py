@@ -38,7 +38,7 @@ import torch
 import yaml
 
 from metatransfer.cli import _parse, build_parser, main
-from metatransfer.config import Config, check_config, load_config
+from metatransfer.config import Config, check_config, config_to_dict, load_config
 from metatransfer.data.cache import SPLITS, load_split, write_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,11 +71,27 @@ def _commands(path: Path) -> list[list[str]]:
             if _ASSIGNMENT.match(line.strip()):
                 continue
             words = shlex.split(line, comments=True)
-            while words and (words[0] in ("export", "srun") or re.match(r"^[A-Za-z_]\w*=", words[0])):
-                words = words[1:] if words[0] != "export" else []
+            if words and words[0] == "export":  # sets the environment only
+                continue
+            while words and (words[0] == "srun" or re.match(r"^[A-Za-z_]\w*=", words[0])):  # srun CMD, VAR=value CMD
+                words = words[1:]
             if words:
                 commands.append(words)
     return commands
+
+
+def _beside_shared(tmp_path: Path, *, with_repository: bool) -> Path:
+    """A working folder beside ../shared, as a fresh clone is: no data/ or runs/ until a command makes them.
+
+    With `with_repository`, it also holds the repository's own files (docs/, benchmarks/, ...) as links.
+    """
+    cwd = tmp_path / "main"
+    cwd.mkdir()
+    (tmp_path / "shared").symlink_to(REPO.parent / "shared")
+    if with_repository:
+        for name in ("benchmarks", "docs", "scripts", "src", "tests", "pyproject.toml"):
+            (cwd / name).symlink_to(REPO / name)
+    return cwd
 
 
 @pytest.mark.parametrize("path", DOCUMENTS, ids=lambda p: p.name)
@@ -204,7 +220,9 @@ class Walk:
         if command == "export" or (command == "predict" and args.out):
             self.made.add(self._key(args.out))
         elif command in _TRAINING and not args.resume:
-            self.runs[self._key(args.out)] = config
+            earlier = self.runs.setdefault(self._key(args.out), config)
+            assert config_to_dict(earlier) == config_to_dict(config), (  # as prepare_run_dir refuses it
+                f"{' '.join(words)}: {args.out} holds another configuration, made by an earlier command")
 
     def config(self, args: argparse.Namespace, words: list[str]) -> Config:
         """The command's config, as the CLI builds it (without reading checkpoints), checked against what it reads."""
@@ -245,7 +263,7 @@ class Walk:
 
 @pytest.mark.parametrize("path", DOCUMENTS, ids=lambda p: p.name)
 def test_every_command_parses_and_reads_what_exists_at_its_point_of_the_document(path, tmp_path):
-    walk = Walk(REPO, tmp_path)
+    walk = Walk(_beside_shared(tmp_path, with_repository=True), tmp_path / "scratch")
     for words in _commands(path):
         walk.step(words)
 
@@ -283,9 +301,7 @@ def _image_folders(cwd: Path, make_images) -> None:
 
 @pytest.mark.slow
 def test_the_readme_runs_as_written_on_small_data(prepared_fc100, prepared_omniglot, make_images, tmp_path, monkeypatch):
-    cwd = tmp_path / "main"  # beside ../shared, as the repository is
-    cwd.mkdir()
-    (tmp_path / "shared").symlink_to(REPO.parent / "shared")
+    cwd = _beside_shared(tmp_path, with_repository=False)
     _image_folders(cwd, make_images)
 
     def stand_in(target: Path, name: str) -> None:
