@@ -106,15 +106,20 @@ def test_images_outside_class_folders(smoke_run, support_copy, fc100_folders, ca
     assert "outside class folders (loose.png)" in _error(capsys)
 
 
-@pytest.mark.parametrize("problem", ["missing", "empty", "no-checkpoint"])
-def test_unreadable_model_directory(problem, smoke_run, fc100_folders, tmp_path, capsys):  # noqa: F811
+@pytest.mark.parametrize("problem, message", [
+    ("missing", "model does not exist"),
+    ("empty", "model is neither a run directory (no config.yaml) nor an exported model"),
+    ("no-checkpoint", "model has no meta_train/best nor pretrain/best checkpoint; run `mtl pretrain`"),
+])
+def test_unreadable_model_directory(problem, message, smoke_run, fc100_folders, tmp_path, capsys):  # noqa: F811
     model = tmp_path / "model"
     if problem != "missing":
         model.mkdir()
     if problem == "no-checkpoint":
         shutil.copy(smoke_run / "config.yaml", model / "config.yaml")
     assert _predict(model, *fc100_folders) == 2
-    assert _error(capsys).startswith("mtl: error: ")
+    error = _error(capsys)
+    assert error.startswith("mtl: error: ") and message in error, error
 
 
 def test_bad_out_suffix_and_top_k(smoke_run, fc100_folders, capsys):  # noqa: F811

@@ -262,7 +262,7 @@ class FewShotClassifier:
             self, with `classes_` set.
 
         Raises:
-            ValueError: fewer than two classes, or as many labels as images.
+            ValueError: fewer than two classes, or a number of labels other than the number of images.
         """
         labels = list(labels)
         if len(labels) != len(support_images):

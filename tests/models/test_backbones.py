@@ -137,10 +137,14 @@ def test_conv_layout(name: str, n_3x3: int, n_1x1: int) -> None:
     assert len(kernels) == n_3x3 + n_1x1
 
 
-def test_no_warnings_on_import_and_build() -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        create_backbone("resnet12", width=0.25)
+def test_no_warnings_on_build_and_forward() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backbone = create_backbone("resnet12", width=0.25).eval()
+        with torch.no_grad():
+            features = backbone(torch.zeros(2, 3, 32, 32))
+    assert [str(warning.message) for warning in caught] == []
+    assert features.shape == (2, backbone.out_features)
 
 
 def test_drop_block_drops_squares_at_about_its_rate_and_keeps_the_mean() -> None:
