@@ -37,7 +37,7 @@ import pytest
 import torch
 import yaml
 
-from metatransfer.cli import _parse, build_parser, main
+from metatransfer.cli import _parse, _phases_of, build_parser, main
 from metatransfer.config import Config, check_config, config_to_dict, load_config
 from metatransfer.data.cache import SPLITS, load_split, write_cache
 
@@ -236,9 +236,8 @@ class Walk:
             shadow = self.scratch / run if not self.execute else None
             if shadow is not None:  # experiment_config reads the run's config.yaml: give it the one recorded
                 prepare_run_dir(shadow, config)
-            experiment_config(args.preset, args.overrides, init_from=getattr(args, "init_from", None),
-                              resume=shadow or self.cwd / run, phases=(args.command,) if args.command != "run" else ("pretrain", "meta-train", "meta-test"),
-                              dataset=getattr(args, "dataset", None), split=getattr(args, "split", None))
+            experiment_config(args.preset, args.overrides, init_from=getattr(args, "init_from", None), resume=shadow or self.cwd / run,
+                              phases=_phases_of(args.command), dataset=getattr(args, "dataset", None), split=getattr(args, "split", None))
             if getattr(args, "dataset", None):
                 self.need(Path(args.data_root or config.data.root) / args.dataset, "--dataset", words)
             return config
