@@ -261,7 +261,8 @@ class Walk:
 
 
 @pytest.mark.parametrize("path", DOCUMENTS, ids=lambda p: p.name)
-def test_every_command_parses_and_reads_what_exists_at_its_point_of_the_document(path, tmp_path):
+def test_every_command_parses_and_reads_what_exists_at_its_point_of_the_document(path, shared_data, tmp_path):
+    # shared_data: the documents prepare from ../shared/data; without it, as every test on real data, this skips
     walk = Walk(_beside_shared(tmp_path, with_repository=True), tmp_path / "scratch")
     for words in _commands(path):
         walk.step(words)
