@@ -342,3 +342,11 @@ def _run_the_python_section(cwd: Path) -> None:
                  "pretrain.epochs=0", "meta_train.iterations=1", "meta_train.val_episodes=4", "meta_test.episodes=4"]) == 0
     config = yaml.safe_load((cwd / "runs" / "from-python" / "config.yaml").read_text())
     assert config["model"]["init_from"] == str(run_dir.resolve())
+
+
+def test_the_readme_layout_names_every_module():
+    (layout,) = [body for lang, body in _FENCE.findall((REPO / "README.md").read_text()) if "src/metatransfer/" in body]
+    package = REPO / "src" / "metatransfer"
+    modules = sorted(path.relative_to(package) for path in package.rglob("*.py") if not path.name.startswith("_"))
+    missing = [str(module) for module in modules if not re.search(rf"(^|[\s,(]){re.escape(module.name)}\b", layout, re.M)]
+    assert not missing, f"README.md's layout does not name {missing}"
