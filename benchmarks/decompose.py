@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from metatransfer.data.cache import load_split
-from metatransfer.phases.features import load_pretrained_backbone
-from metatransfer.phases.meta_test import evaluate_split, load_meta_model
+from metatransfer.evaluation import EpisodePlan, evaluate_split
+from metatransfer.loading import load_run_model, load_start_model
 from metatransfer.run import read_run_config, resolve_device
 
 
@@ -38,20 +38,21 @@ def main() -> None:
         config.data = replace(config.data, root=args.data_root)
     device = resolve_device(config.device)
     split = load_split(config.data.root, config.data.name, args.split)
-    meta_backbone, theta_weight, theta_bias = load_meta_model(args.run_dir, config, split.images.shape[-1], device)[:3]
-    pre_backbone = load_pretrained_backbone(config, args.run_dir, split.images.shape[-1]).to(device).eval()
-    if config.channels_last:
-        pre_backbone.to(memory_format=torch.channels_last)
+    compute = dict(amp=config.amp, channels_last=config.channels_last, shift_views=0 if args.split == "val" else config.model.shift_views)
+    meta = replace(load_run_model(args.run_dir, config), **compute).to(device)  # validation as meta-training scored it: no shifts
+    start = replace(load_start_model(args.run_dir, config), **compute).to(device)
+    theta_weight, theta_bias = meta.learner.theta_weight, meta.learner.theta_bias
     zeros = torch.zeros_like(theta_weight), torch.zeros_like(theta_bias)
 
     shot, test = config.meta_train.n_shot, config.meta_test
     rows = []
-    for backbone_name, backbone in (("pre-trained", pre_backbone), (f"meta_train/{args.checkpoint}", meta_backbone)):
+    plan = EpisodePlan(ways=[config.meta_train.n_way], shots=[shot], episodes=args.episodes, n_query=test.n_query,
+                       seed=config.meta_train.val_seed if args.split == "val" else test.seed)
+    for backbone_name, model in (("pre-trained", start), (f"meta_train/{args.checkpoint}", meta)):
         for theta_name, (weight, bias) in (("zero", zeros), ("meta-learned", (theta_weight, theta_bias))):
-            result = evaluate_split(backbone, weight, bias, split, config, device, ways=[config.meta_train.n_way], shots=[shot],
-                                    episodes=args.episodes, n_query=test.n_query, protocol="standard",
-                                    seed=config.meta_train.val_seed if args.split == "val" else test.seed,
-                                    with_shifts=args.split != "val")[0]  # validation as meta-training scored it
+            # the untrained base-learner's settings and temperature, with each theta
+            learner = start.learner.with_theta(weight, bias)
+            result = evaluate_split(replace(model, learner=learner), split, plan)[0]
             rows.append({"backbone": backbone_name, "theta": theta_name, "accuracy": result["accuracy"], "ci95": result["ci95"]})
             print(f"{backbone_name:>20} + {theta_name:>12} theta: {result['accuracy']:.2f} +- {result['ci95']:.2f}", flush=True)
     print(f"(5-way {shot}-shot, {args.episodes} {args.split} episodes, {test.n_query} queries; |theta| = {theta_weight.norm():.3f})")

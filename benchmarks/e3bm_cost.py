@@ -25,13 +25,13 @@ import time
 from typing import Callable
 
 import torch
-import torch.nn as nn
 
 from metatransfer.config import Config
 from metatransfer.data.episodes import Episode
 from metatransfer.models.backbones import create_backbone
 from metatransfer.models.scale_shift import apply_scale_shift, scale_shift_parameters
-from metatransfer.phases.features import untrained_learner
+from metatransfer.model import Preprocessing
+from metatransfer.models.head import BaseLearner
 from metatransfer.phases.meta_train import meta_batch_loss
 from metatransfer.run import resolve_device
 
@@ -60,16 +60,15 @@ def meta_iteration(config: Config, args: argparse.Namespace, episode: Episode, d
     backbone.eval()
     if config.channels_last:
         backbone.to(memory_format=torch.channels_last)
-    learner = untrained_learner(config, backbone.out_features)
-    head_weight = nn.Parameter(torch.zeros(args.n_way, backbone.out_features, device=device))
-    head_bias = nn.Parameter(torch.zeros(args.n_way, device=device))
-    groups = [{"params": scale_shift_parameters(backbone), "lr": 1e-4}, {"params": [head_weight, head_bias], "lr": 1e-3}]
+    learner = BaseLearner.untrained(config.base_learner, backbone.out_features, n_way=args.n_way, seed=config.seed).trainable(device)
+    groups = [{"params": scale_shift_parameters(backbone), "lr": 1e-4}, {"params": learner.head_parameters(), "lr": 1e-3}]
     if learner.hyperprior is not None:
-        groups.append({"params": list(learner.hyperprior.to(device).parameters()), "lr": 1e-6})
+        groups.append({"params": learner.hyperprior_parameters(), "lr": 1e-6})
+    preprocessing = Preprocessing(image_size=episode.support_images.shape[-2], channels=3, mean=MEAN, std=STD)
     optimizer = torch.optim.Adam(groups)
 
     def step() -> None:
-        loss = meta_batch_loss(backbone, head_weight, head_bias, episode, config, device, MEAN, STD, learner=learner)[0]
+        loss = meta_batch_loss(backbone, learner, episode, config, preprocessing)[0]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

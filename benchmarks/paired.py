@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from metatransfer.phases.meta_test import confidence_interval, episodes_file_name
+from metatransfer.evaluation import confidence_interval
+from metatransfer.phases.meta_test import episodes_file_name
 
 
 def _settings(run_dir: Path, dataset: str | None, shift_views: int | None = None) -> dict[tuple, tuple[dict, dict]]:

@@ -61,9 +61,10 @@ from metatransfer.config import Config
 from metatransfer.data.episodes import Episode
 from metatransfer.models.backbones import create_backbone
 from metatransfer.models.fuse import inference_copy
-from metatransfer.models.head import init_head_weight
+from metatransfer.model import Preprocessing
+from metatransfer.models.head import BaseLearner, init_head_weight
 from metatransfer.models.scale_shift import apply_scale_shift, scale_shift_parameters
-from metatransfer.phases.features import extract_features
+from metatransfer.features import extract_features
 from metatransfer.phases.meta_train import meta_batch_loss
 from metatransfer.run import autocast, native_bf16, resolve_device
 
@@ -208,13 +209,14 @@ def meta_train_step(name: str, config: Config, settings: Settings, device: torch
     apply_scale_shift(backbone, mode=config.model.ss_mode, include_shortcuts=config.model.ss_shortcuts)
     backbone.eval()
     trainable = scale_shift_parameters(backbone)
-    head_weight = nn.Parameter(init_head_weight(meta.n_way, backbone.out_features, config.base_learner.init).to(device))
-    head_bias = nn.Parameter(torch.zeros(meta.n_way, device=device))
-    optimizer = torch.optim.Adam([{"params": trainable, "lr": meta.lr_ss}, {"params": [head_weight, head_bias], "lr": meta.lr_head}])
+    learner = BaseLearner.from_config(config.base_learner).with_theta(
+        init_head_weight(meta.n_way, backbone.out_features, config.base_learner.init), torch.zeros(meta.n_way)).trainable(device)
+    optimizer = torch.optim.Adam([{"params": trainable, "lr": meta.lr_ss}, {"params": learner.head_parameters(), "lr": meta.lr_head}])
+    preprocessing = Preprocessing(image_size=settings.image_size, channels=3, mean=MEAN, std=STD)
     episode = random_episode(settings)
 
     def step() -> torch.Tensor:
-        loss, _, _ = meta_batch_loss(backbone, head_weight, head_bias, episode, config, device, MEAN, STD)
+        loss, _, _ = meta_batch_loss(backbone, learner, episode, config, preprocessing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -9,7 +9,7 @@ meta-test
               fine-tune a fresh nn.Linear (initialised to theta) with 100 autograd SGD steps,
               predict the queries. Timed on a few episodes and extrapolated linearly.
     ours      `extract_features` of the whole split once (channels_last, bf16 autocast where the
-              CPU has native bf16), then `evaluate_features` over all episodes batched; the
+              CPU has native bf16), then `FewShotModel.score` over all episodes batched; the
               extraction is counted in ours' total, amortised over the episodes.
 meta-train
     baseline  as the port, first order: one task per update; forward support (no graph: it gets
@@ -52,8 +52,9 @@ from metatransfer.models.backbones import create_backbone
 from metatransfer.models.head import BaseLearner, adapt_head, expand_head, head_logits, init_head_weight
 from metatransfer.models.scale_shift import apply_scale_shift, scale_shift_parameters
 from metatransfer.models.fuse import inference_copy
-from metatransfer.phases.features import extract_features
-from metatransfer.phases.meta_test import confidence_interval, evaluate_features
+from metatransfer.features import extract_features
+from metatransfer.evaluation import confidence_interval
+from metatransfer.model import FewShotModel, Preprocessing
 from metatransfer.phases.meta_train import meta_batch_loss, prepare_meta_model
 from metatransfer.run import checkpoint_exists, load_checkpoint, native_bf16
 
@@ -158,6 +159,8 @@ def bench_meta_test(args, backbone: nn.Module, split, theta_w, theta_b) -> dict:
     extract_features(inference_copy(ours_model), split.images[:256], **options)  # warm-up
     tick = time.perf_counter()
     features = extract_features(inference_copy(ours_model), split.images, **options)  # as meta-test: SS and BN folded
+    scorer = FewShotModel(ours_model, BaseLearner(steps=steps, lr=lr).with_theta(theta_w, theta_b),
+                          Preprocessing.from_split(split.images, split.mean, split.std))  # scores the features above
     extract_s = time.perf_counter() - tick
     base_b = baseline_meta_test(fp32, split, second, theta_w, theta_b, steps=steps, lr=lr)
     base_acc = np.concatenate([base_a[0], base_b[0]])
@@ -173,7 +176,7 @@ def bench_meta_test(args, backbone: nn.Module, split, theta_w, theta_b) -> dict:
         tasks = tasks_sampler.sample(episodes)
         sample_s = time.perf_counter() - tick
         tick = time.perf_counter()
-        accuracies = evaluate_features(features, tasks, theta_w, theta_b, learner=BaseLearner(steps=steps, lr=lr))
+        accuracies = scorer.score(features, tasks)
         evaluate_s = time.perf_counter() - tick
         ours_total = extract_s + sample_s + evaluate_s
         base_total = base_per_episode * episodes
@@ -189,7 +192,7 @@ def bench_meta_test(args, backbone: nn.Module, split, theta_w, theta_b) -> dict:
 
     # Accuracy on the baseline's own episodes: same backbone, same theta, same maths.
     index = lambda idx: features[torch.from_numpy(idx)]  # noqa: E731
-    ours_acc = evaluate_features(features, baseline_tasks, theta_w, theta_b, learner=BaseLearner(steps=steps, lr=lr))
+    ours_acc = scorer.score(features, baseline_tasks)
     ours_pred = closed_form_predictions(index(baseline_tasks.support), index(baseline_tasks.query), baseline_tasks, theta_w, theta_b, steps=steps, lr=lr)
     # Control: our closed-form loop on the baseline's own fp32 features isolates maths from bf16.
     support32 = torch.stack([s for s, _ in base_features])
@@ -275,7 +278,8 @@ class OursMetaLearner:
 
     def loss(self, split, tasks: TaskIndices) -> torch.Tensor:
         episode = gather_episode(split.images, tasks)
-        return meta_batch_loss(self.backbone, self.weight, self.bias, episode, self.config, CPU, split.mean, split.std)[0]
+        learner = BaseLearner.from_config(self.config.base_learner).with_theta(self.weight, self.bias)
+        return meta_batch_loss(self.backbone, learner, episode, self.config, Preprocessing.from_split(split.images, split.mean, split.std))[0]
 
     def step(self, split, tasks: TaskIndices) -> float:
         loss = self.loss(split, tasks)

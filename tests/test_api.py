@@ -15,8 +15,7 @@ from metatransfer import FewShotClassifier
 from metatransfer.api import Preprocessing, load_image
 from metatransfer.data.cache import load_split, read_manifest
 from metatransfer.data.episodes import TaskIndices
-from metatransfer.phases.features import extract_features
-from metatransfer.phases.meta_test import evaluate_features
+from metatransfer.features import extract_features
 
 RGB32 = Preprocessing(image_size=32, channels=3, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 INK28 = Preprocessing(image_size=28, channels=1, mean=(0.1,), std=(0.3,), invert=True)
@@ -133,7 +132,7 @@ def test_any_number_of_classes_and_hashable_labels(model, fc100_folders):  # noq
 
 
 def test_classifier_agrees_with_the_meta_test_protocol(smoke_run, prepared_fc100):  # noqa: F811
-    """The same 5-way 5-shot task scored by meta-test's `evaluate_features` and by fit/predict."""
+    """The same 5-way 5-shot task scored by meta-test's `FewShotModel.score` and by fit/predict."""
     root, name = prepared_fc100
     split = load_split(root, name, "test")
     model = FewShotClassifier.from_run(smoke_run, device="cpu")
@@ -148,7 +147,7 @@ def test_classifier_agrees_with_the_meta_test_protocol(smoke_run, prepared_fc100
     prep = model.preprocessing
     features = extract_features(model.backbone, images, mean=prep.mean, std=prep.std, device=torch.device("cpu"),
                                 amp=False, channels_last=False)
-    expected = evaluate_features(features, tasks, model.head_weight, model.head_bias, learner=model.learner, temperature=model.temperature)[0]
+    expected = model.model.score(features, tasks)[0]
     labels = np.repeat(np.arange(5), N_SHOT)
     model.fit(split.images[support], labels)
     predicted = np.asarray(model.predict(split.images[query]))

@@ -3,6 +3,7 @@ features of the run's model, and `mtl predict` the same predictions from a bundl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -16,10 +17,9 @@ from metatransfer import FewShotClassifier
 from metatransfer.api import load_images
 from metatransfer.cli import main
 from metatransfer.export import export_run
-from metatransfer.loading import BUNDLE_FILE, _add_folded_biases, load_run_parts
+from metatransfer.loading import BUNDLE_FILE, _add_folded_biases, build_backbone, load_run_model
 from metatransfer.models.backbones import create_backbone, list_backbones
 from metatransfer.models.scale_shift import apply_scale_shift, fold_scale_shift
-from metatransfer.phases.features import build_backbone
 from metatransfer.run import load_checkpoint, read_run_config
 
 
@@ -87,7 +87,7 @@ def test_exported_backbone_gives_the_run_features(fmt, bundles, smoke_run):  # n
     x = _images(5)
     with torch.no_grad():
         assert (exported.backbone(x) - run.backbone(x)).abs().max() < 1e-5
-    assert torch.equal(exported.head_weight, run.head_weight) and torch.equal(exported.head_bias, run.head_bias)
+    assert torch.equal(exported.learner.theta_weight, run.learner.theta_weight) and torch.equal(exported.learner.theta_bias, run.learner.theta_bias)
     assert exported.preprocessing == run.preprocessing and (exported.steps, exported.lr) == (run.steps, run.lr)
 
 
@@ -253,4 +253,4 @@ def test_a_test_time_shift_model_carries_it_into_its_bundle(smoke_run, fc100_fol
     assert "shift_views=2" in repr(FewShotClassifier.from_export(bundle))
     assert "shifted by 2 pixels" in (bundle / "MODEL_CARD.md").read_text()
     with pytest.raises(ValueError, match="model.shift_views=-1 is a number of pixels"):
-        FewShotClassifier(**{**load_run_parts(run), "shift_views": -1})
+        dataclasses.replace(load_run_model(run), shift_views=-1)

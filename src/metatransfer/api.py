@@ -14,35 +14,32 @@ as `mtl data prepare` does; alpha composited on white; inverted for Omniglot-sty
 cache holds ink 255 on a 0 background). Features are computed in float32 (no autocast), so a run
 directory and its exports give the same predictions.
 
-Reading a model from disk, and `Preprocessing` (re-exported here), live in `metatransfer.loading`,
-a module below both this one and `metatransfer.export` (which writes bundles), so that the API
-and the exporter share one reader without importing each other. This module holds what happens
-after loading: images to inputs, features, fit and predict.
+The model itself is a `metatransfer.model.FewShotModel`, the object meta-test scores; reading it
+from disk lives in `metatransfer.loading`, below both this module and `metatransfer.export`, so
+that the API and the exporter share one reader without importing each other. This module holds
+what only a user of arbitrary images needs: images to inputs, labels to classes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 import torch
-import torch.nn as nn
 from PIL import Image, ImageOps
 
 from metatransfer.config import check_shift_views
 from metatransfer.data._decode import RESAMPLE
-from metatransfer.data.augment import to_float
-from metatransfer.loading import BUNDLE_FILE, Preprocessing, load_bundle_parts, load_run_parts
-from metatransfer.models.head import BaseLearner
-from metatransfer.phases.features import batch_statistics, embed, images_per_forward
+from metatransfer.loading import BUNDLE_FILE, load_bundle_model, load_run_model
+from metatransfer.model import FewShotModel, Preprocessing
 
 __all__ = ["ImageLike", "Preprocessing", "load_image", "load_images", "FewShotClassifier"]
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
-_BATCH = 256  # images per backbone forward
 
 
 def _describe(item: Any) -> str:
@@ -122,61 +119,50 @@ class FewShotClassifier:
 
     Sun et al., "Meta-Transfer Learning for Few-Shot Learning", CVPR 2019: the base-learner is
     fine-tuned from theta on the support features for `steps` steps of size `lr`; for a number of
-    classes other than theta's rows, every row starts at theta's mean row (`expand_head`).
+    classes other than theta's rows, every row starts at theta's mean row (`expand_head`). This
+    class is the user-facing shell of a `FewShotModel` (`model`): it turns images of any kind into
+    the model's input and labels of any kind into class indices; the model does the rest, as it
+    does in meta-test.
 
     Args:
-        backbone: maps normalised (B, C, H, W) float32 images to (B, D) features; an `nn.Module`
-            (eval mode) or a callable such as an ONNX Runtime session wrapper.
-        head_weight: theta, (N0, D).
-        head_bias: (N0,).
-        preprocessing: how inputs are prepared (`Preprocessing`).
-        steps, lr: the inner loop's settings (the run's `base_learner.steps` and `.lr`).
-        learner: the run's whole base-learner (`models.head.BaseLearner`: prototype init, cosine
-            logits); when given, it supersedes `steps` and `lr`.
-        temperature: the cosine logits' (meta-learned) temperature.
+        model: the trained model (backbone, base-learner with theta, preprocessing, test-time views),
+            as `from_run` / `from_export` / `load` read it.
         device: where features and fine-tuning run ("auto", "cpu", "cuda", ...).
-        bn_mode: "frozen" (running statistics) or "batch" (the support set and the query set each
-            normalised by their own statistics, the transductive mode of the TF code).
-        flip_average: each image's feature is the mean of its own and its mirror image's (the run's
-            `model.flip_average`), as validation and meta-test scored the model.
-        shift_views: also averaged over copies shifted by this many pixels (the run's
-            `model.shift_views`), as meta-test scored the model; 0 = off.
-        info: plain values describing the model (source, dataset, ...), for summaries.
     """
 
-    def __init__(
-        self,
-        backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor],
-        head_weight: torch.Tensor,
-        head_bias: torch.Tensor,
-        *,
-        preprocessing: Preprocessing,
-        steps: int,
-        lr: float,
-        device: str | torch.device = "cpu",
-        bn_mode: str = "frozen",
-        flip_average: bool = False,
-        shift_views: int = 0,
-        info: dict[str, Any] | None = None,
-        learner: BaseLearner | None = None,
-        temperature: float = 10.0,
-    ) -> None:
+    def __init__(self, model: FewShotModel, *, device: str | torch.device = "cpu") -> None:
         from metatransfer.run import resolve_device
 
-        self.device = resolve_device(device) if isinstance(device, str) else device
-        if isinstance(backbone, nn.Module):
-            backbone = backbone.to(self.device).eval()
-        self.backbone = backbone
-        self.head_weight = head_weight.detach().float().to(self.device)
-        self.head_bias = head_bias.detach().float().to(self.device)
-        self.preprocessing = preprocessing
-        self.learner = learner if learner is not None else BaseLearner(steps=int(steps), lr=float(lr))
-        self.steps, self.lr, self.bn_mode, self.temperature = self.learner.steps, self.learner.lr, bn_mode, float(temperature)
-        self.flip_average, self.shift_views = bool(flip_average), check_shift_views(int(shift_views))
-        self.info = dict(info or {})
+        # float32 features without autocast, so a run directory and its exports give the same predictions
+        self.model = dataclasses.replace(model, amp=False, channels_last=False)
+        self.model.to(resolve_device(device) if isinstance(device, str) else device)
         self.classes_: list[Hashable] = []
-        self._weight: torch.Tensor | None = None
-        self._bias: torch.Tensor | None = None
+
+    backbone = property(lambda self: self.model.backbone, doc="maps normalised (B, C, H, W) images to (B, D) features")
+    preprocessing = property(lambda self: self.model.preprocessing, doc="how inputs are prepared (`Preprocessing`)")
+    learner = property(lambda self: self.model.learner, doc="the base-learner, with its theta and temperature")
+    info = property(lambda self: self.model.info, doc="plain values describing the model (source, dataset, ...)")
+    device = property(lambda self: self.model.device)
+    steps = property(lambda self: self.model.learner.steps, doc="the inner loop's steps (`base_learner.steps`)")
+    lr = property(lambda self: self.model.learner.lr, doc="the inner loop's step size (`base_learner.lr`)")
+
+    @property
+    def flip_average(self) -> bool:
+        """Each image's feature is the mean of its own and its mirror image's (the run's `model.flip_average`)."""
+        return self.model.flip_average
+
+    @flip_average.setter
+    def flip_average(self, value: bool) -> None:
+        self.model.flip_average = bool(value)
+
+    @property
+    def shift_views(self) -> int:
+        """Features also averaged over copies shifted by this many pixels (the run's `model.shift_views`); 0 = off."""
+        return self.model.shift_views
+
+    @shift_views.setter
+    def shift_views(self, value: int) -> None:
+        self.model.shift_views = check_shift_views(int(value))
 
     # --- constructors --------------------------------------------------------------------------
 
@@ -193,12 +179,12 @@ class FewShotClassifier:
                 its manifest gives the image size, channels and mean/std.
             device: "auto", "cpu", "cuda", ...
         """
-        return cls(**load_run_parts(Path(run_dir), data_root=data_root, checkpoint=checkpoint), device=device)
+        return cls(load_run_model(Path(run_dir), checkpoint=checkpoint, data_root=data_root), device=device)
 
     @classmethod
     def from_export(cls, export_dir: str | Path, *, device: str = "auto") -> "FewShotClassifier":
         """The model of a bundle written by `mtl export` (safetensors, ONNX or TorchScript)."""
-        return cls(**load_bundle_parts(Path(export_dir)), device=device)
+        return cls(load_bundle_model(Path(export_dir)), device=device)
 
     @classmethod
     def load(cls, path: str | Path, *, data_root: str | Path | None = None, device: str = "auto",
@@ -234,19 +220,7 @@ class FewShotClassifier:
             arrays = images  # already in the model's format
         else:
             arrays = load_images(list(images) if isinstance(images, np.ndarray) else images, self.preprocessing)
-        prep = self.preprocessing
-        batch_mode = self.bn_mode == "batch" and isinstance(self.backbone, nn.Module)
-        if batch_mode:  # one set, one set of statistics: forward it whole
-            with batch_statistics(self.backbone):
-                x = to_float(torch.from_numpy(np.ascontiguousarray(arrays)), prep.mean, prep.std, device=self.device)
-                return embed(self.backbone, x, self.flip_average, self.shift_views)
-        chunks = []
-        step = images_per_forward(_BATCH, self.shift_views)
-        for start in range(0, len(arrays), step):
-            batch = torch.from_numpy(np.ascontiguousarray(arrays[start : start + step]))
-            x = to_float(batch, prep.mean, prep.std, device=self.device)
-            chunks.append(embed(self.backbone, x, self.flip_average, self.shift_views).to(self.device))
-        return torch.cat(chunks)
+        return self.model.features(arrays)
 
     # --- the two steps -------------------------------------------------------------------------
 
@@ -274,13 +248,12 @@ class FewShotClassifier:
         support = self.features(support_images)  # (M, D)
         targets = torch.tensor([index[label] for label in labels], device=self.device)
         # The same base-learner as meta-train and meta-test (it takes care of autograd where it needs it).
-        weight, bias = self.learner.adapt(support.unsqueeze(0), targets.unsqueeze(0), self.head_weight, self.head_bias, len(classes),
-                                          temperature=self.temperature)
-        self.classes_, self._weight, self._bias = classes, weight.detach(), bias.detach()
+        self.model.fit(support.unsqueeze(0), targets.unsqueeze(0), len(classes))
+        self.classes_ = classes
         return self
 
     def _check_fitted(self) -> None:
-        if self._weight is None:
+        if self.model.head is None or not self.classes_:
             raise RuntimeError("This FewShotClassifier is not fitted; call fit(support_images, labels) first")
 
     @torch.no_grad()
@@ -288,7 +261,7 @@ class FewShotClassifier:
         """Class probabilities, (n_images, n_classes) float32; columns follow `classes_`."""
         self._check_fitted()
         query = self.features(images).unsqueeze(0)  # (1, n, D)
-        logits = self.learner.logits_of(query, self._weight, self._bias, self.temperature)[0]
+        logits = self.model.logits(query)[0]
         return torch.softmax(logits, dim=-1).cpu().numpy()
 
     def predict(self, images: Sequence[ImageLike] | np.ndarray) -> list[Hashable]:

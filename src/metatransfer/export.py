@@ -2,9 +2,9 @@
 
 Scaling-shifting is folded into the conv weights (`fold_scale_shift`: W * Phi_S1, b + Phi_S2), so
 the exported backbone is an ordinary network (Sun et al., CVPR 2019, section 4.2). This module is
-the writing side only: `export_run` reads the run with `load_run_parts`, writes the backbone
+the writing side only: `export_run` reads the run with `load_run_model`, writes the backbone
 (safetensors, ONNX or TorchScript), theta, bundle.json and MODEL_CARD.md, then reads the bundle
-back with `load_bundle_parts` to check that it gives the run's features.
+back with `load_bundle_model` to check that it gives the run's features.
 
 The bundle's layout, its constants (BUNDLE_FILE, BUNDLE_FORMAT, FORMATS, HEAD_FILE) and its reader
 live in `metatransfer.loading`, below both this module and `metatransfer.api`, so that the API
@@ -31,12 +31,12 @@ from metatransfer.loading import (  # noqa: F401  (OnnxBackbone: re-exported for
     FORMATS,
     HEAD_FILE,
     OnnxBackbone,
-    load_bundle_parts,
-    load_run_parts,
+    load_bundle_model,
+    load_run_model,
 )
 from metatransfer.run import read_run_config, write_json
 
-__all__ = ["BUNDLE_FILE", "BUNDLE_FORMAT", "FORMATS", "OnnxBackbone", "load_run_parts", "load_bundle_parts", "export_run"]
+__all__ = ["BUNDLE_FILE", "BUNDLE_FORMAT", "FORMATS", "OnnxBackbone", "export_run"]
 
 ONNX_OPSET = 17
 
@@ -67,13 +67,13 @@ def _write_backbone(backbone: nn.Module, path: Path, fmt: str, example: torch.Te
 def _check_export(export_dir: Path, reference: nn.Module, example: torch.Tensor) -> float | None:
     """Max abs difference between the exported and the PyTorch backbone's features on `example`."""
     try:
-        parts = load_bundle_parts(export_dir)
+        exported = load_bundle_model(export_dir)
     except ValueError as error:
         if "onnxruntime is not installed" in str(error):
             return None
         raise
     with torch.no_grad():
-        return float((parts["backbone"](example) - reference(example)).abs().max())
+        return float((exported.backbone(example) - reference(example)).abs().max())
 
 
 def _results(run_dir: Path) -> list[dict[str, Any]]:
@@ -178,10 +178,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str, *, data_root:
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / BUNDLE_FILE).is_file())):
         raise ValueError(f"{out_dir} exists and is not an export folder; choose a new --out")
-    parts = load_run_parts(run_dir, data_root=data_root, checkpoint=checkpoint)
-    if fmt != "safetensors" and parts["bn_mode"] == "batch":
+    model = load_run_model(run_dir, checkpoint=checkpoint, data_root=data_root)
+    if fmt != "safetensors" and model.bn_mode == "batch":
         raise ValueError(f"{run_dir} uses bn_mode=batch (per-set statistics), which {fmt} cannot hold; export as safetensors")
-    prep, info, backbone = parts["preprocessing"], parts["info"], parts["backbone"]
+    prep, info, backbone = model.preprocessing, model.info, model.backbone
     example = torch.randn(2, prep.channels, prep.image_size, prep.image_size, generator=torch.Generator().manual_seed(0))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
@@ -189,8 +189,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str, *, data_root:
     tmp.mkdir()
     try:
         _write_backbone(backbone, tmp / FORMATS[fmt], fmt, example)
-        save_file({"head.weight": parts["head_weight"].contiguous(), "head.bias": parts["head_bias"].contiguous(),
-                   "head.temperature": torch.tensor(float(parts["temperature"])), **parts["learner"].tensors()}, str(tmp / HEAD_FILE))
+        save_file(model.learner.tensors(), str(tmp / HEAD_FILE))  # theta, temperature, (E3BM) hyperprior learners
         bundle = {
             "format_version": BUNDLE_FORMAT,
             "format": fmt,
@@ -201,10 +200,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str, *, data_root:
             "input": {"name": "images", "dtype": "float32", "layout": "(batch, channels, height, width)",
                       "normalisation": "(pixel / 255 - mean) / std"},
             "preprocessing": prep.to_dict(),
-            "base_learner": parts["learner"].to_dict(),
-            "bn_mode": parts["bn_mode"],
-            "flip_average": parts["flip_average"],
-            "shift_views": parts["shift_views"],
+            "base_learner": model.learner.to_dict(),
+            "bn_mode": model.bn_mode,
+            "flip_average": model.flip_average,
+            "shift_views": model.shift_views,
             "source": {key: info[key] for key in ("run_dir", "checkpoint", "dataset", "dataset_protocol", "adapt", "ss_mode", "ss_shortcuts")},
             "sha256": {name: sha256_file(tmp / name) for name in (FORMATS[fmt], HEAD_FILE)},
         }

@@ -1,11 +1,13 @@
 """Read a trained model from a run directory or an `mtl export` bundle.
 
-The one place that turns what training or `mtl export` left on disk into the parts of a model
-(backbone, theta, preprocessing, base-learner settings). It sits below both of its users and
-imports neither: `metatransfer.api` (`FewShotClassifier.from_run` / `from_export` / `load`) builds
-classifiers from `load_run_parts` and `load_bundle_parts`; `metatransfer.export` writes bundles
-with the constants here and reads each one back once to check it; `read_bundle` and
-`bundle_backbone` also give a bare backbone from a bundle to whoever needs one.
+The one place that turns what training or `mtl export` left on disk into a `FewShotModel`
+(backbone, base-learner with its theta, preprocessing, test-time views), and where a run keeps its
+checkpoints. It sits below all of its users and imports none of them: the phases (meta-test
+scores `load_run_model`, meta-training starts from `load_pretrained_backbone`),
+`metatransfer.api` (`FewShotClassifier.from_run` / `from_export` / `load`) and
+`metatransfer.export`, which writes bundles with the constants here and reads each one back once
+to check it; `read_bundle` and `bundle_backbone` also give a bare backbone from a bundle to
+whoever needs one.
 
 A bundle is a folder holding
 
@@ -28,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,16 +37,19 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from metatransfer.config import Config
 from metatransfer.data._sources import sha256_file
 from metatransfer.data.cache import read_manifest
+from metatransfer.model import FewShotModel, Preprocessing
 from metatransfer.models.backbones import create_backbone
 from metatransfer.models.head import BaseLearner
-from metatransfer.phases.meta_test import load_meta_model
-from metatransfer.run import checkpoint_exists, read_run_config
+from metatransfer.models.scale_shift import apply_scale_shift, fold_scale_shift
+from metatransfer.run import checkpoint_exists, load_checkpoint, read_run_config, tensors_under
 
 __all__ = [
     "BUNDLE_FILE", "BUNDLE_FORMAT", "FORMATS", "HEAD_FILE", "Preprocessing", "OnnxBackbone", "read_bundle",
-    "bundle_backbone", "load_bundle_parts", "load_run_parts",
+    "bundle_backbone", "load_bundle_model", "load_run_model", "load_start_model", "build_backbone", "backbone_meta", "pretrained_stem",
+    "shot_best_stem", "load_pretrained_backbone",
 ]
 
 BUNDLE_FILE = "bundle.json"
@@ -57,89 +61,132 @@ FORMATS = {"safetensors": "backbone.safetensors", "onnx": "backbone.onnx", "torc
 HEAD_FILE = "head.safetensors"
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """How an image becomes a model input, recorded with the model (export bundle: bundle.json).
+# --- a run's checkpoints -----------------------------------------------------------------------
 
-    Attributes:
-        image_size: side of the square images the model was trained on.
-        channels: 1 (grayscale) or 3 (RGB).
-        mean, std: per-channel normalisation on the 0..1 scale (the training split's statistics).
-        invert: store 255 - pixel, as the Omniglot cache does (ink bright on a dark background).
-    """
 
-    image_size: int
-    channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    invert: bool = False
+def build_backbone(config: Config, in_chans: int) -> nn.Module:
+    """A fresh backbone of the run's architecture (`model.*`), as pre-training starts it and checkpoints rebuild it."""
+    model = config.model
+    drop_block = {"drop_block_rate": model.drop_block_rate, "drop_block_size": model.drop_block_size} if model.drop_block_rate else {}
+    return create_backbone(model.backbone, in_chans=in_chans, width=model.width, drop_rate=model.drop_rate, **drop_block)
 
-    def __post_init__(self) -> None:
-        if self.channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
-        if len(self.mean) != self.channels or len(self.std) != self.channels:
-            raise ValueError(f"mean and std need {self.channels} value(s) each, got {self.mean} and {self.std}")
 
-    @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> "Preprocessing":
-        """From a prepared dataset's manifest.json: Omniglot caches are stored inverted."""
-        height, width = manifest["image_size"]
-        if height != width:
-            raise ValueError(f"Dataset {manifest.get('dataset')!r} has non-square {height}x{width} images")
-        benchmark = manifest.get("options", {}).get("benchmark", manifest.get("dataset"))
-        return cls(
-            image_size=int(height), channels=int(manifest["channels"]), mean=tuple(manifest["mean"]),
-            std=tuple(manifest["std"]), invert=benchmark == "omniglot",
-        )
+def backbone_meta(config: Config, backbone: nn.Module, in_chans: int) -> dict:
+    """The plain values a checkpoint needs to rebuild (and check) its backbone."""
+    return {
+        "backbone": config.model.backbone,
+        "width": config.model.width,
+        "in_chans": in_chans,
+        "out_features": backbone.out_features,
+    }
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "Preprocessing":
-        return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"])})
 
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "mean": list(self.mean), "std": list(self.std), "resize": "square, lanczos",
-                "alpha": "composited on white"}
+def pretrained_stem(config: Config, run_dir: Path) -> Path:
+    """The pre-training checkpoint meta-training starts from (`meta_train.init_checkpoint`, whose
+    form `config.check_config` checks)."""
+    return Path(run_dir) / "pretrain" / config.meta_train.init_checkpoint
+
+
+def shot_best_stem(run_dir: Path, shot: int) -> Path:
+    """The checkpoint validation at `shot` picked (meta_train.val_shots), which meta-test uses for that shot."""
+    return Path(run_dir) / "meta_train" / f"best-{shot}shot"
+
+
+def load_pretrained_backbone(config: Config, run_dir: Path, in_chans: int) -> nn.Module:
+    """The run's pre-trained backbone (`pretrain/best`, or `meta_train.init_checkpoint`), rebuilt from
+    the config; a checkpoint of another model is an error."""
+    backbone = build_backbone(config, in_chans)
+    tensors, _ = load_checkpoint(pretrained_stem(config, run_dir), expect=backbone_meta(config, backbone, in_chans))
+    backbone.load_state_dict(tensors_under(tensors, "backbone"))
+    return backbone
 
 
 # --- reading a run directory --------------------------------------------------------------------
 
 
-def _run_preprocessing(run_dir: Path, dataset: str, root: Path) -> tuple[Preprocessing, dict[str, Any]]:
+def _run_preprocessing(run_dir: Path, config: Config, root: Path) -> tuple[Preprocessing, dict[str, Any]]:
+    """The run's input, from its prepared dataset's manifest, normalised with `data.mean`/`data.std`
+    where set (a transfer run with `model.init_normalisation=source`)."""
     try:
-        manifest = read_manifest(root, dataset)
+        manifest = read_manifest(root, config.data.name)
     except FileNotFoundError:
         raise FileNotFoundError(
             f"{run_dir}: the model's preprocessing (image size, channels, mean/std) is read from its prepared "
-            f"dataset {dataset!r}, expected at {root / dataset} (data.root in config.yaml), which is missing. "
+            f"dataset {config.data.name!r}, expected at {root / config.data.name} (data.root in config.yaml), which is missing. "
             f"Pass the folder that holds it with --data-root (Python: data_root=), or predict from a bundle "
             f"made by `mtl export` while the data is present: bundles are self-contained"
         ) from None
-    return Preprocessing.from_manifest(manifest), manifest
+    preprocessing = Preprocessing.from_manifest(manifest)
+    if config.data.mean:
+        preprocessing = dataclasses.replace(preprocessing, mean=tuple(config.data.mean), std=tuple(config.data.std))
+    return preprocessing, manifest
 
 
-def load_run_parts(run_dir: Path, *, data_root: str | Path | None = None, checkpoint: str | None = None) -> dict[str, Any]:
-    """The keyword arguments of `FewShotClassifier` for a run directory (backbone on the CPU).
+def _run_model(config: Config, backbone: nn.Module, learner: BaseLearner, preprocessing: Preprocessing,
+               info: dict[str, Any]) -> FewShotModel:
+    """The run's parts as one model with the run's test-time views: on the CPU in eval mode, in float32
+    (as a bundle is; meta-test opts into the run's `amp` and `channels_last`)."""
+    model = config.model
+    return FewShotModel(backbone.eval(), learner, preprocessing, bn_mode=model.bn_mode, flip_average=model.flip_average,
+                        shift_views=model.shift_views, info=info)
 
-    `checkpoint` names a meta_train checkpoint (best, last, best-5shot with meta_train.val_shots);
-    by default meta_train/best, else the pre-trained backbone.
+
+def load_start_model(run_dir: Path, config: Config, *, data_root: str | Path | None = None) -> FewShotModel:
+    """What meta-training starts from: the pre-trained backbone (`meta_train.init_checkpoint`,
+    identity SS) with the base-learner at its untrained init, drawn as meta-training draws it; the
+    start the paired gain is measured against, and the run's model before meta-training."""
+    preprocessing, _ = _run_preprocessing(run_dir, config, Path(data_root) if data_root is not None else Path(config.data.root))
+    backbone = load_pretrained_backbone(config, run_dir, preprocessing.channels)
+    learner = BaseLearner.untrained(config.base_learner, backbone.out_features, n_way=config.meta_train.n_way, seed=config.seed)
+    source = f"pretrain/{pretrained_stem(config, run_dir).name} (no meta-training)"
+    return _run_model(config, backbone, learner, preprocessing, {"checkpoint": source})
+
+
+def load_run_model(run_dir: Path, config: Config | None = None, *, checkpoint: str | None = None,
+                   data_root: str | Path | None = None) -> FewShotModel:
+    """The model of a run directory, on the CPU: the meta-trained backbone (SS folded) and
+    base-learner of meta_train/`checkpoint` (default `meta_test.checkpoint`); without
+    meta-training, `load_start_model`'s (the paper's 'no meta-training' row).
+
+    Args:
+        run_dir: a directory written by `mtl run`.
+        config: the run's config, as rescoring may override it (default: its config.yaml).
+        checkpoint: a meta_train checkpoint (best, last, best-5shot with meta_train.val_shots).
+        data_root: where the run's prepared dataset lives, if not at its `data.root` any more
+            (its manifest gives the image size, channels and statistics).
 
     Raises:
-        FileNotFoundError: no run directory, no checkpoint, or the prepared dataset is missing.
+        FileNotFoundError: no run directory, no such checkpoint, or the prepared dataset is missing.
         ValueError: a checkpoint that does not fit the run's config.
     """
     if not run_dir.is_dir():
         raise FileNotFoundError(f"Run directory {run_dir} does not exist")
-    config = read_run_config(run_dir)
+    config = config if config is not None else read_run_config(run_dir)
+    chosen = checkpoint or config.meta_test.checkpoint
     if checkpoint is not None and not checkpoint_exists(run_dir / "meta_train" / checkpoint):
         kept = sorted(p.stem for p in (run_dir / "meta_train").glob("*.json") if checkpoint_exists(p.with_suffix("")))
         raise FileNotFoundError(f"{run_dir} has no meta_train/{checkpoint} checkpoint; it has: {', '.join(kept) or 'none (not meta-trained)'}")
     root = Path(data_root) if data_root is not None else Path(config.data.root)
-    preprocessing, manifest = _run_preprocessing(run_dir, config.data.name, root)
-    if config.data.mean:  # a transfer run normalised with its source's statistics (model.init_normalisation=source)
-        preprocessing = dataclasses.replace(preprocessing, mean=tuple(config.data.mean), std=tuple(config.data.std))
-    backbone, weight, bias, temperature, source, learner = load_meta_model(run_dir, config, preprocessing.channels, torch.device("cpu"), checkpoint)
-    backbone = backbone.to(memory_format=torch.contiguous_format).float().eval()
-    info = {
+    meta_stem, pre_stem = run_dir / "meta_train" / chosen, pretrained_stem(config, run_dir)
+    if checkpoint_exists(meta_stem):
+        preprocessing, manifest = _run_preprocessing(run_dir, config, root)
+        backbone = build_backbone(config, preprocessing.channels)
+        expect = {"backbone": config.model.backbone, "width": config.model.width, "in_chans": preprocessing.channels, "adapt": config.model.adapt}
+        tensors, meta = load_checkpoint(meta_stem, expect=expect)
+        if meta["adapt"] == "ss":
+            apply_scale_shift(backbone, mode=meta["ss_mode"], include_shortcuts=meta["ss_shortcuts"])
+        backbone.load_state_dict(tensors_under(tensors, "backbone"))
+        fold_scale_shift(backbone)
+        model = _run_model(config, backbone, BaseLearner.from_config(config.base_learner, tensors), preprocessing,
+                           {"checkpoint": f"meta_train/{chosen}"})
+    elif checkpoint_exists(pre_stem):
+        model = load_start_model(run_dir, config, data_root=root)
+        manifest = read_manifest(root, config.data.name)
+    else:
+        raise FileNotFoundError(f"{run_dir} has no meta_train/{chosen} nor pretrain/{pre_stem.name} checkpoint; "
+                                "run `mtl pretrain` (and `mtl meta-train`) first.")
+    source = model.info["checkpoint"]
+    model.info = {
         "source": f"{run_dir} ({source})",
         "checkpoint": source,
         "run_dir": str(run_dir.resolve()),
@@ -147,18 +194,13 @@ def load_run_parts(run_dir: Path, *, data_root: str | Path | None = None, checkp
         "dataset_protocol": manifest.get("protocol"),
         "backbone": config.model.backbone,
         "width": config.model.width,
-        "in_chans": preprocessing.channels,
-        "out_features": backbone.out_features,
+        "in_chans": model.preprocessing.channels,
+        "out_features": model.backbone.out_features,
         "adapt": config.model.adapt if source.startswith("meta_train") else "none (pre-trained backbone only)",
         "ss_mode": config.model.ss_mode,
         "ss_shortcuts": config.model.ss_shortcuts,
     }
-    return {
-        "backbone": backbone, "head_weight": weight, "head_bias": bias, "preprocessing": preprocessing,
-        "steps": config.base_learner.steps, "lr": config.base_learner.lr, "bn_mode": config.model.bn_mode, "info": info,
-        "flip_average": config.model.flip_average, "shift_views": config.model.shift_views,
-        "learner": learner, "temperature": temperature,
-    }
+    return model
 
 
 # --- reading a bundle ---------------------------------------------------------------------------
@@ -237,8 +279,8 @@ def bundle_backbone(export_dir: Path, bundle: dict[str, Any]) -> nn.Module | Cal
     return backbone.eval()
 
 
-def load_bundle_parts(export_dir: Path) -> dict[str, Any]:
-    """The keyword arguments of `FewShotClassifier` for an export bundle.
+def load_bundle_model(export_dir: Path) -> FewShotModel:
+    """The model of an export bundle, on the CPU, float32 without autocast (`amp` off).
 
     Raises:
         FileNotFoundError: the folder or one of its files is missing.
@@ -249,12 +291,12 @@ def load_bundle_parts(export_dir: Path) -> dict[str, Any]:
     keys = ("image_size", "channels", "mean", "std", "invert")
     info = {**bundle["source"], "source": f"{export_dir} ({bundle['format']} export of {bundle['source']['checkpoint']})",
             "format": bundle["format"]}
-    return {
-        "backbone": bundle_backbone(export_dir, bundle), "head_weight": head["head.weight"], "head_bias": head["head.bias"],
-        "preprocessing": Preprocessing.from_dict({key: bundle["preprocessing"][key] for key in keys}),
-        "steps": bundle["base_learner"]["steps"], "lr": bundle["base_learner"]["lr"], "bn_mode": bundle["bn_mode"], "info": info,
-        "flip_average": bundle.get("flip_average", False),  # older bundles: off, as their runs scored
-        "shift_views": bundle.get("shift_views", 0),
-        "learner": BaseLearner.from_config(bundle["base_learner"], head),  # older bundles hold steps and lr only: the defaults
-        "temperature": float(head["head.temperature"]) if "head.temperature" in head else 10.0,  # unused by linear logits
-    }
+    return FewShotModel(
+        bundle_backbone(export_dir, bundle),
+        BaseLearner.from_config(bundle["base_learner"], head),  # older bundles hold steps and lr only: the defaults
+        Preprocessing.from_dict({key: bundle["preprocessing"][key] for key in keys}),
+        bn_mode=bundle["bn_mode"],
+        flip_average=bundle.get("flip_average", False),  # older bundles: off, as their runs scored
+        shift_views=bundle.get("shift_views", 0),
+        info=info,
+    )

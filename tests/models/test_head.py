@@ -204,7 +204,7 @@ def test_base_learner_by_default_is_the_closed_form_linear_loop():
     support, labels, query, _, weight, bias = _task()
     learner = BaseLearner(steps=5, lr=0.5)
     expected = adapt_head(support, labels, *expand_head(weight, bias, N, T), steps=5, lr=0.5)
-    adapted = learner.adapt(support, labels, weight, bias, N)
+    adapted = learner.with_theta(weight, bias).adapt(support, labels, N)
     assert all(torch.equal(a, e) for a, e in zip(adapted, expected))
     assert torch.equal(learner.logits_of(query, *adapted), head_logits(query, *expected))
 
@@ -212,25 +212,25 @@ def test_base_learner_by_default_is_the_closed_form_linear_loop():
 def test_prototype_init_starts_at_the_class_means_plus_theta():
     support, labels, _, _, weight, bias = _task()
     means = torch.stack([support[:, labels[0] == c].mean(1) for c in range(N)], dim=1)  # (T, N, D)
-    start, _ = BaseLearner(steps=0, lr=0.1, fc_init="prototypes").adapt(support, labels, weight, bias, N)
+    start, _ = BaseLearner(steps=0, lr=0.1, fc_init="prototypes").with_theta(weight, bias).adapt(support, labels, N)
     assert torch.allclose(start, means + weight)
     shaped = BaseLearner(steps=0, lr=0.1, fc_init="prototypes", prototype_centre=True, prototype_normalise=True, prototype_scale=3.0)
-    start, _ = shaped.adapt(support, labels, torch.zeros_like(weight), bias, N)
+    start, _ = shaped.with_theta(torch.zeros_like(weight), bias).adapt(support, labels, N)
     centred = means - means.mean(1, keepdim=True)
     assert torch.allclose(start, 3.0 * centred / centred.norm(dim=-1, keepdim=True))
 
 
 def test_cosine_logits_are_temperature_times_cosine_plus_bias():
     support, _, _, _, weight, bias = _task()
-    logits = BaseLearner(steps=0, lr=0.1, logits="cosine").logits_of(support, *expand_head(weight, bias, N, T), 7.0)
+    logits = BaseLearner(steps=0, lr=0.1, logits="cosine", temperature=7.0).logits_of(support, *expand_head(weight, bias, N, T))
     expected = 7.0 * F.cosine_similarity(support.unsqueeze(2), weight.view(1, 1, N, D), dim=-1) + bias
     assert torch.allclose(logits, expected)
 
 
 def test_cosine_inner_loop_is_gradient_descent_on_each_task_and_lowers_its_loss():
     support, labels, _, _, weight, bias = _task()
-    learner = BaseLearner(steps=4, lr=0.3, logits="cosine")
-    adapted_w, adapted_b = learner.adapt(support, labels, weight, bias, N, temperature=5.0)
+    learner = BaseLearner(steps=4, lr=0.3, logits="cosine").with_theta(weight, bias, 5.0)
+    adapted_w, adapted_b = learner.adapt(support, labels, N)
     for t in range(T):  # the reference: one task, plain SGD with autograd
         w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
         for _ in range(4):
@@ -238,8 +238,8 @@ def test_cosine_inner_loop_is_gradient_descent_on_each_task_and_lowers_its_loss(
             grad_w, grad_b = torch.autograd.grad(F.cross_entropy(logits, labels[t]), (w, b))
             w, b = w - 0.3 * grad_w, b - 0.3 * grad_b
         assert torch.allclose(adapted_w[t], w) and torch.allclose(adapted_b[t], b)
-    before = F.cross_entropy(learner.logits_of(support, *expand_head(weight, bias, N, T), 5.0).flatten(0, 1), labels.flatten())
-    after = F.cross_entropy(learner.logits_of(support, adapted_w, adapted_b, 5.0).flatten(0, 1), labels.flatten())
+    before = F.cross_entropy(learner.logits_of(support, *expand_head(weight, bias, N, T)).flatten(0, 1), labels.flatten())
+    after = F.cross_entropy(learner.logits_of(support, adapted_w, adapted_b).flatten(0, 1), labels.flatten())
     assert after < before
 
 
@@ -248,9 +248,9 @@ def test_cosine_second_order_reaches_features_and_temperature_first_order_only_t
         support, labels, query, query_labels, weight, bias = _task()
         support.requires_grad_()
         theta, temperature = weight.clone().requires_grad_(), torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
-        learner = BaseLearner(steps=3, lr=0.3, logits="cosine")
-        w, b = learner.adapt(support, labels, theta, bias, N, temperature=temperature, second_order=second_order)
-        F.cross_entropy(learner.logits_of(query, w, b, temperature).flatten(0, 1), query_labels.flatten()).backward()
+        learner = BaseLearner(steps=3, lr=0.3, logits="cosine").with_theta(theta, bias, temperature)
+        w, b = learner.adapt(support, labels, N, second_order=second_order)
+        F.cross_entropy(learner.logits_of(query, w, b).flatten(0, 1), query_labels.flatten()).backward()
         assert theta.grad is not None and theta.grad.abs().sum() > 0 and temperature.grad is not None
         assert (support.grad is not None and support.grad.abs().sum() > 0) == second_order
 
@@ -294,8 +294,9 @@ def test_e3bm_with_the_last_step_only_and_fixed_step_sizes_is_the_plain_base_lea
     for learner in (_e3bm(variant), BaseLearner(**E3BM_VARIANTS[variant])):
         theta = weight.clone().requires_grad_()
         features = support.clone().requires_grad_()
-        w, b = learner.adapt(features, labels, theta, bias, N, temperature=5.0, second_order=second_order)
-        logits = learner.logits_of(query, w, b, 5.0)
+        learner = learner.with_theta(theta, bias, 5.0)
+        w, b = learner.adapt(features, labels, N, second_order=second_order)
+        logits = learner.logits_of(query, w, b)
         F.cross_entropy(logits.flatten(0, 1), query_labels.flatten()).backward()
         results.append((logits.detach(), theta.grad, features.grad))
     (ensemble_logits, ensemble_theta, ensemble_features), (plain_logits, plain_theta, plain_features) = results
@@ -338,7 +339,8 @@ def test_e3bm_is_the_codes_per_task_sum_of_the_steps_query_logits_with_task_cond
     support, labels, query, _, weight, bias = _task()
     learner = _e3bm(variant, init="equal", mapping_scale=300.0)  # large enough to move a_k and v_k visibly
     with torch.no_grad():
-        logits = learner.logits_of(query, *learner.adapt(support, labels, weight, bias, N, temperature=5.0), 5.0)
+        adapted = learner.with_theta(weight, bias, 5.0)
+        logits = adapted.logits_of(query, *adapted.adapt(support, labels, N))
         for t in range(T):
             expected = _e3bm_reference(learner, support[t], labels[t], query[t], weight, bias, 5.0)
             torch.testing.assert_close(logits[t], expected, rtol=1e-9, atol=1e-10)
@@ -352,9 +354,9 @@ def test_e3bm_is_the_codes_per_task_sum_of_the_steps_query_logits_with_task_cond
 @pytest.mark.parametrize("second_order", [False, True])
 def test_meta_gradients_reach_every_hyperprior_parameter(second_order):
     support, labels, query, query_labels, weight, bias = _task()
-    learner = _e3bm("cosine", mapping_scale=1.0)
-    w, b = learner.adapt(support, labels, weight, bias, N, temperature=5.0, second_order=second_order)
-    F.cross_entropy(learner.logits_of(query, w, b, 5.0).flatten(0, 1), query_labels.flatten()).backward()
+    learner = _e3bm("cosine", mapping_scale=1.0).with_theta(weight, bias, 5.0)
+    w, b = learner.adapt(support, labels, N, second_order=second_order)
+    F.cross_entropy(learner.logits_of(query, w, b).flatten(0, 1), query_labels.flatten()).backward()
     for name, parameter in learner.hyperprior.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
@@ -368,18 +370,19 @@ def test_e3bm_learner_round_trips_through_its_tensors_and_refuses_a_checkpoint_w
     assert tensors["hyperprior.step_size_weight"].shape == (4, 2 * D)
     settings = learner.to_dict()
     assert "hyperprior" not in settings and settings["ensemble"] == "e3bm"
-    loaded = BaseLearner.from_config(settings, {"head.weight": weight, **tensors})
-    assert loaded == learner
+    loaded = BaseLearner.from_config(settings, {"head.weight": weight, "head.bias": bias, **tensors})
+    assert loaded == learner and loaded.theta_weight.equal(weight.float()) and loaded.theta_bias.equal(bias.float())
+    learner = learner.with_theta(weight, bias, 1.0)
     with torch.no_grad():
-        for one in (learner, loaded):
-            one_logits = one.logits_of(query, *one.adapt(support, labels, weight, bias, N), 1.0)
-            assert torch.equal(one_logits, learner.logits_of(query, *learner.adapt(support, labels, weight, bias, N), 1.0))
+        for one in (learner, loaded.with_theta(weight, bias, 1.0)):
+            one_logits = one.logits_of(query, *one.adapt(support, labels, N))
+            assert torch.equal(one_logits, learner.logits_of(query, *learner.adapt(support, labels, N)))
     with pytest.raises(ValueError, match="meta-trained without E3BM"):
-        BaseLearner.from_config(settings, {"head.weight": weight})
+        BaseLearner.from_config(settings, {"head.weight": weight, "head.bias": bias})
     with pytest.raises(ValueError, match="needs its hyperprior learners"):
-        BaseLearner(steps=4, lr=0.5, ensemble="e3bm").adapt(support, labels, weight, bias, N)
+        BaseLearner(steps=4, lr=0.5, ensemble="e3bm").with_theta(weight, bias).adapt(support, labels, N)
     with pytest.raises(ValueError, match="meta-trained for 4 inner steps"):
-        BaseLearner.from_config({**settings, "steps": 5}, tensors).adapt(support, labels, weight, bias, N)
+        BaseLearner.from_config({**settings, "steps": 5}, tensors).with_theta(weight, bias).adapt(support, labels, N)
 
 
 def test_e3bm_starts_at_the_base_rate_with_the_last_step_or_equal_weights():
@@ -391,3 +394,37 @@ def test_e3bm_starts_at_the_base_rate_with_the_last_step_or_equal_weights():
     first = BaseLearner(steps=3, lr=0.01, ensemble="e3bm").with_untrained_hyperprior(D, torch.Generator().manual_seed(4)).tensors()
     again = BaseLearner(steps=3, lr=0.01, ensemble="e3bm").with_untrained_hyperprior(D, torch.Generator().manual_seed(4)).tensors()
     assert all(torch.equal(first[k], again[k]) for k in first)  # seeded: the start is the same wherever it is drawn
+
+
+# --- BaseLearner owns theta, its temperature and what meta-training learns ------------------------
+
+
+def test_untrained_learner_is_seeded_and_its_tensors_are_named_as_checkpoints_store_them():
+    from metatransfer.config import BaseLearnerConfig
+
+    config = BaseLearnerConfig(init="kaiming", ensemble="e3bm", steps=3)
+    one, other = (BaseLearner.untrained(config, D, n_way=N, seed=5) for _ in range(2))
+    tensors = one.tensors()
+    assert {"head.weight", "head.bias", "head.temperature"} <= set(tensors) and any(k.startswith("hyperprior.") for k in tensors)
+    assert all(tensors[k].equal(other.tensors()[k]) for k in tensors)  # the same seed draws the same start
+    assert tensors["head.weight"].shape == (N, D) and not tensors["head.bias"].any()
+    assert float(tensors["head.temperature"]) == config.temperature
+    loaded = BaseLearner.from_config(config, {**tensors, "head.temperature": torch.tensor(4.0)})
+    assert loaded == one and loaded.temperature == 4.0 and loaded.theta_weight.equal(one.theta_weight)
+    assert all(loaded.tensors()[k].equal(tensors[k]) for k in tensors if k != "head.temperature")
+
+
+@pytest.mark.parametrize("learn_theta, learn_temperature", [(True, False), (False, True)])
+def test_trainable_learner_learns_what_its_settings_say_and_resumes_from_its_tensors(learn_theta, learn_temperature):
+    from metatransfer.config import BaseLearnerConfig
+
+    config = BaseLearnerConfig(learn_theta=learn_theta, learn_temperature=learn_temperature)
+    learner = BaseLearner.untrained(config, D, n_way=N, seed=0).trainable(torch.device("cpu"))
+    expected = ([learner.theta_weight, learner.theta_bias] if learn_theta else []) + ([learner.temperature] if learn_temperature else [])
+    assert [id(p) for p in learner.head_parameters()] == [id(p) for p in expected]
+    learned = {id(p) for p in expected}
+    assert all(p.requires_grad == (id(p) in learned) for p in (learner.theta_weight, learner.theta_bias, learner.temperature))
+    saved = {"head.weight": torch.ones(N, D), "head.bias": torch.ones(N), "head.temperature": torch.tensor(3.0)}
+    learner.load_tensors_(saved)
+    assert learner.theta_weight.eq(1).all() and float(learner.temperature.detach()) == 3.0
+    assert not learner.detached().theta_weight.requires_grad

@@ -12,17 +12,23 @@ import torch.nn.functional as F
 from metatransfer.config import Config
 from metatransfer.data.episodes import Episode
 from metatransfer.models.backbones import create_backbone
-from metatransfer.models.head import adapt_head, expand_head, head_logits
+from metatransfer.model import Preprocessing
+from metatransfer.models.head import BaseLearner, adapt_head, expand_head, head_logits
 from metatransfer.models.scale_shift import (
     ScaleShiftConv2d,
     apply_scale_shift,
     scale_shift_parameters,
 )
-from metatransfer.phases.features import forward_images, untrained_learner
+from metatransfer.features import forward_images
 from metatransfer.phases.meta_train import meta_batch_loss
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 CPU = torch.device("cpu")
+PREPROCESSING = Preprocessing(image_size=16, channels=3, mean=MEAN, std=STD)
+
+
+def _learner(config: Config, head_weight: torch.Tensor, head_bias: torch.Tensor) -> BaseLearner:
+    return BaseLearner.from_config(config.base_learner).with_theta(head_weight, head_bias)
 
 
 def _setup(n_tasks: int = 2, n_way: int = 3, n_shot: int = 2, n_query: int = 4):
@@ -72,7 +78,7 @@ def _gradients(loss, parameters) -> list[torch.Tensor]:
 def test_first_order_matches_the_one_forward_reference():
     backbone, head_weight, head_bias, episode, config = _setup()
     reference = copy.deepcopy(backbone)
-    loss = meta_batch_loss(backbone, head_weight, head_bias, episode, config, CPU, MEAN, STD)[0]
+    loss = meta_batch_loss(backbone, _learner(config, head_weight, head_bias), episode, config, PREPROCESSING)[0]
     expected = _reference_first_order_loss(reference, head_weight, head_bias, episode, config)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     ours = _gradients(loss, [*scale_shift_parameters(backbone), head_weight, head_bias])
@@ -87,13 +93,13 @@ def test_first_order_backpropagates_through_the_query_images_only():
     first_conv = next(m for m in backbone.modules() if isinstance(m, ScaleShiftConv2d))
     graphs: list[tuple[int, bool]] = []  # (batch size, output has a graph) of each forward of the first conv
     first_conv.register_forward_hook(lambda module, args, output: graphs.append((output.shape[0], output.requires_grad)))
-    meta_batch_loss(backbone, head_weight, head_bias, episode, config, CPU, MEAN, STD)
+    meta_batch_loss(backbone, _learner(config, head_weight, head_bias), episode, config, PREPROCESSING)
     support, query = episode.support_images.shape[:2].numel(), episode.query_images.shape[:2].numel()
     assert graphs == [(support, False), (query, True)]
 
     config.meta_train.first_order = False  # second order needs the support's graph: one forward of all
     graphs.clear()
-    meta_batch_loss(backbone, head_weight, head_bias, episode, config, CPU, MEAN, STD)
+    meta_batch_loss(backbone, _learner(config, head_weight, head_bias), episode, config, PREPROCESSING)
     assert graphs == [(support + query, True)]
 
 
@@ -102,9 +108,9 @@ def test_a_meta_train_step_with_e3bm_reaches_the_hyperprior_learners_ss_and_thet
     backbone, head_weight, head_bias, episode, config = _setup()
     config.meta_train.first_order = first_order
     config.base_learner.ensemble = "e3bm"
-    learner = untrained_learner(config, backbone.out_features)
+    learner = BaseLearner.untrained(config.base_learner, backbone.out_features, n_way=3, seed=config.seed).with_theta(head_weight, head_bias)
     hyperprior = dict(learner.hyperprior.named_parameters())
-    loss = meta_batch_loss(backbone, head_weight, head_bias, episode, config, CPU, MEAN, STD, learner=learner)[0]
+    loss = meta_batch_loss(backbone, learner, episode, config, PREPROCESSING)[0]
     gradients = dict(zip([*hyperprior, "ss", "theta"], _gradients(loss, [*hyperprior.values(), scale_shift_parameters(backbone)[0], head_weight])))
     for name, gradient in gradients.items():
         assert gradient.abs().sum() > 0, name

@@ -264,10 +264,10 @@ def test_base_learner_options_meta_train_and_reach_meta_test_predict_and_export(
     support, query = np.flatnonzero(split.labels < 3)[::8][:6], np.flatnonzero(split.labels < 3)[1::8][:6]
     from_run = FewShotClassifier.from_run(tmp_path / "run", device="cpu")
     best = load_file(str(tmp_path / "run" / "meta_train" / "best.safetensors"))  # what the run's model is
-    assert from_run.learner.logits == "cosine" and from_run.temperature == pytest.approx(best["head.temperature"].item())
+    assert from_run.learner.logits == "cosine" and from_run.learner.temperature == pytest.approx(best["head.temperature"].item())
     export_run(tmp_path / "run", tmp_path / "bundle", "safetensors", log=_quiet)
     from_bundle = FewShotClassifier.from_export(tmp_path / "bundle", device="cpu")
-    assert from_bundle.learner == from_run.learner and from_bundle.temperature == pytest.approx(from_run.temperature)
+    assert from_bundle.learner == from_run.learner and from_bundle.learner.temperature == pytest.approx(from_run.learner.temperature)
     for model in (from_run, from_bundle):
         model.fit(split.images[support], split.labels[support])
     assert np.allclose(from_run.predict_proba(split.images[query]), from_bundle.predict_proba(split.images[query]), atol=1e-4)
@@ -283,13 +283,15 @@ def test_e3bm_runs_end_to_end_and_its_hyperprior_learners_reach_meta_test_predic
     from metatransfer.api import FewShotClassifier
     from metatransfer.export import export_run
     from metatransfer.loading import BUNDLE_FILE
+    from metatransfer.models.head import BaseLearner
 
     run = tmp_path / "run"
     assert main(["run", *_run_args(fc100_small, run, *E3BM)]) == 0
     (result,) = json.loads((run / "results.json").read_text())
     assert {"start_accuracy", "start_ci95", "gain", "gain_ci95"} <= set(result) and result["model"].startswith("meta_train/")
     last, best = (load_file(str(run / "meta_train" / f"{stem}.safetensors")) for stem in ("last", "best"))
-    start = meta_test.untrained_learner(load_config("smoke", E3BM), last["head.weight"].shape[1]).tensors()
+    config = load_config("smoke", E3BM)
+    start = BaseLearner.untrained(config.base_learner, last["head.weight"].shape[1], n_way=config.meta_train.n_way, seed=config.seed).tensors()
     assert set(start) <= set(last) and any(not last[k].equal(start[k]) for k in start)  # meta-learned from their start
     from_run = FewShotClassifier.from_run(run, device="cpu")
     assert all(from_run.learner.tensors()[k].equal(best[k]) for k in start)  # the run's model is meta_train/best's
@@ -353,7 +355,7 @@ def test_meta_training_starts_from_a_chosen_pre_training_epoch(fc100_small, tmp_
 
 
 def test_pre_training_holds_out_base_classes_that_meta_training_then_uses(fc100_small, tmp_path):
-    from metatransfer.phases.features import held_out_classes
+    from metatransfer.splits import held_out_classes
 
     out = tmp_path / "run"
     args = _run_args(fc100_small, out, "pretrain.held_out_classes=12", "meta_train.classes=held_out")

@@ -8,10 +8,12 @@ step is two batched matrix products for all T tasks at once: no autograd graph p
 loop per task. The closed form is itself made of differentiable ops, so keeping it in the graph
 gives exact second-order meta-gradients for free, and detaching it gives the first-order ones.
 
-`BaseLearner` holds the options on top (all off by default, MTL as published): the task's FC may
-start at its support prototypes (class means, optionally centred, normalised and scaled: E3BM's
-"feature" init) with theta as a learned offset, and the logits may be cosine similarities times a
-temperature (Meta-Baseline, Chen et al. ICCV 2021; E3BM). Cosine logits have no closed-form step;
+`BaseLearner` owns all of config `base_learner`: the meta-learned initialisation theta (weight and
+bias), the cosine logits' temperature, E3BM's hyperprior learners, and the options on top (all off
+by default, MTL as published): the task's FC may start at its support prototypes (class means,
+optionally centred, normalised and scaled: E3BM's "feature" init) with theta as a learned offset,
+and the logits may be cosine similarities times a temperature (Meta-Baseline, Chen et al. ICCV
+2021; E3BM). Cosine logits have no closed-form step;
 their inner loop uses autograd, with the same first/second-order semantics. With `ensemble="e3bm"`
 the task's classifier is E3BM's ensemble over the inner steps (Liu, Schiele, Sun, ECCV 2020): two
 hyperprior learners (`Hyperprior`) give each task its step sizes and combination weights, and the
@@ -26,6 +28,9 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from metatransfer.config import BaseLearnerConfig
+from metatransfer.models.hyperprior import Hyperprior
 
 __all__ = ["BaseLearner", "Hyperprior", "head_logits", "adapt_head", "init_head_weight", "expand_head", "per_class_accuracy"]
 
@@ -146,76 +151,21 @@ def _adapt_by_autograd(loss_fn: LossFunction, weight: torch.Tensor, bias: torch.
     return weight, bias
 
 
-# E3BM's code: each hyperprior output is its initial value plus 1e-4 times the mapping's output.
-HYPERPRIOR_SCALE = 1e-4
-
-
-def _kaiming(rows: int, columns: int, generator: torch.Generator | None) -> torch.Tensor:
-    weight = torch.empty(rows, columns)
-    torch.nn.init.kaiming_normal_(weight, generator=generator)
-    return weight
-
-
-class Hyperprior(nn.Module):
-    """E3BM's two hyperprior learners (Liu, Schiele, Sun, "An Ensemble of Epoch-wise Empirical Bayes
-    for Few-shot Learning", ECCV 2020): for inner step k, each task's step size a_k and combination
-    weight v_k, conditioned on the task.
-
-    Each is a learned initial value plus `HYPERPRIOR_SCALE` times the k-th output of a linear layer
-    on the task's context, [mean support feature, mean over classes of the step's gradient], as the
-    official code computes them. a starts at the base learning rate; v at 1 for the last step and 0
-    elsewhere ("last", the code's LAS: the ensemble starts as the plain base learner) or at 1/M for
-    every step ("equal", EQU). The layers start as the code's (kaiming weights, zero biases).
-
-    Args:
-        steps: M, the inner steps.
-        dim: D, the feature dimension (the context has 2D entries).
-        lr: the base learning rate, a's initial value.
-        init: "last" or "equal", v's initial value.
-        generator: draws the layers' kaiming weights (None: the global generator).
-    """
-
-    def __init__(self, steps: int, dim: int, lr: float = 0.01, init: str = "last", *,
-                 generator: torch.Generator | None = None) -> None:
-        super().__init__()
-        if init not in ("last", "equal"):
-            raise ValueError(f"Unknown ensemble init {init!r}; use last or equal.")
-        combination = torch.full((steps,), 1.0 / steps) if init == "equal" else F.one_hot(torch.tensor(steps - 1), steps).float()
-        self.step_size_init = nn.Parameter(torch.full((steps,), float(lr)))
-        self.step_size_weight = nn.Parameter(_kaiming(steps, 2 * dim, generator))
-        self.step_size_bias = nn.Parameter(torch.zeros(steps))
-        self.combination_init = nn.Parameter(combination)
-        self.combination_weight = nn.Parameter(_kaiming(steps, 2 * dim, generator))
-        self.combination_bias = nn.Parameter(torch.zeros(steps))
-
-    @classmethod
-    def from_tensors(cls, state: Mapping[str, torch.Tensor]) -> "Hyperprior":
-        """The hyperprior learners saved by `state_dict()`; their sizes come from the tensors."""
-        steps, context = state["step_size_weight"].shape
-        hyperprior = cls(steps, context // 2, generator=torch.Generator())  # overwritten below: leave the global RNG alone
-        hyperprior.load_state_dict({name: tensor.float() for name, tensor in state.items()})
-        return hyperprior
-
-    @property
-    def steps(self) -> int:
-        return self.step_size_init.shape[0]
-
-    def forward(self, step: int, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(T, 2D) task contexts -> (T,) step sizes and (T,) combination weights of inner step `step`."""
-        def value(init: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-            mapped = context @ weight[step].to(context) + bias[step].to(context)  # (T,): only row k is needed
-            return init[step].to(context) + HYPERPRIOR_SCALE * mapped
-
-        return (value(self.step_size_init, self.step_size_weight, self.step_size_bias),
-                value(self.combination_init, self.combination_weight, self.combination_bias))
+_DEFAULTS = BaseLearnerConfig()  # config.py is the one home of the settings' defaults
+# Settings that shape training only (theta's start, what is meta-learned): not needed to score, so
+# left out of a bundle's `base_learner` and of comparisons.
+_TRAINING_ONLY = ("init", "learn_theta", "learn_temperature")
+# What a base-learner learns rather than is set to: left out of `to_dict` and of comparisons.
+_LEARNED = ("theta_weight", "theta_bias", "temperature", "hyperprior")
 
 
 @dataclass(frozen=True)
 class BaseLearner:
-    """How each task's FC is started, fine-tuned on the support set and read out (config `base_learner`).
+    """The base-learner: one FC layer started from theta, fine-tuned on each task's support set and
+    read out (config `base_learner`, all of it).
 
-    Meta-train, validation, meta-test, `FewShotClassifier` and export bundles build it from the same
-    settings, so a model is scored exactly as it was meta-trained.
+    Meta-train, validation, meta-test, `FewShotModel` and export bundles build it from the same
+    settings and tensors, so a model is scored exactly as it was meta-trained.
 
     Args:
         steps, lr: gradient steps on the support set's mean cross-entropy, and their size.
@@ -226,21 +176,34 @@ class BaseLearner:
         ensemble: "none", or "e3bm": the head is E3BM's task-weighted sum of the heads after each step,
             stepped with task-conditioned step sizes, both from `hyperprior`.
         ensemble_init: "last" or "equal": the combination weights a fresh `Hyperprior` starts at.
+        init: theta's start ("zeros", "kaiming", "xavier"), used by `untrained`.
+        learn_theta, learn_temperature: what meta-training learns besides the backbone (`trainable`).
+        theta_weight, theta_bias: the meta-learned initialisation theta, (N0, D) and (N0,); None for
+            settings only.
+        temperature: the cosine logits' scale (a tensor while meta-training learns it).
         hyperprior: E3BM's hyperprior learners (the meta-learned ones, or fresh ones from
-            `with_untrained_hyperprior`); not a setting: left out of `to_dict` and of comparisons.
+            `with_untrained_hyperprior`).
     """
 
     steps: int
     lr: float
-    fc_init: str = "theta"
-    prototype_centre: bool = False
-    prototype_normalise: bool = False
-    prototype_scale: float = 1.0
-    logits: str = "linear"
-    feature_centre: bool = False
-    ensemble: str = "none"
-    ensemble_init: str = "last"
+    fc_init: str = _DEFAULTS.fc_init
+    prototype_centre: bool = _DEFAULTS.prototype_centre
+    prototype_normalise: bool = _DEFAULTS.prototype_normalise
+    prototype_scale: float = _DEFAULTS.prototype_scale
+    logits: str = _DEFAULTS.logits
+    feature_centre: bool = _DEFAULTS.feature_centre
+    ensemble: str = _DEFAULTS.ensemble
+    ensemble_init: str = _DEFAULTS.ensemble_init
+    init: str = field(default=_DEFAULTS.init, compare=False)
+    learn_theta: bool = field(default=_DEFAULTS.learn_theta, compare=False)
+    learn_temperature: bool = field(default=_DEFAULTS.learn_temperature, compare=False)
+    theta_weight: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    theta_bias: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    temperature: torch.Tensor | float = field(default=_DEFAULTS.temperature, compare=False)
     hyperprior: Hyperprior | None = field(default=None, compare=False, repr=False)
+
+    # --- construction ---------------------------------------------------------------------------
 
     @classmethod
     def from_config(cls, config: Any, tensors: Mapping[str, torch.Tensor] | None = None) -> "BaseLearner":
@@ -248,22 +211,41 @@ class BaseLearner:
 
         Args:
             config: the settings.
-            tensors: a checkpoint's or bundle's tensors; with `ensemble="e3bm"`, its `hyperprior.*`
-                ones are the meta-learned hyperprior learners. None: settings only.
+            tensors: a checkpoint's or bundle's tensors: theta (`head.weight`, `head.bias`), the
+                temperature (`head.temperature`; runs from before cosine logits have none: the
+                configured one) and, with `ensemble="e3bm"`, the hyperprior learners (`hyperprior.*`).
+                None: settings only.
 
         Raises:
             ValueError: `ensemble="e3bm"` and `tensors` hold no hyperprior learners.
         """
         values = config if isinstance(config, dict) else {f.name: getattr(config, f.name) for f in fields(config)}
-        settings = {f.name for f in fields(cls) if f.name != "hyperprior"}
+        settings = {f.name for f in fields(cls) if f.name not in _LEARNED or f.name == "temperature"}
         learner = cls(**{key: value for key, value in values.items() if key in settings})
-        if learner.ensemble == "none" or tensors is None:
+        if tensors is None:
+            return learner
+        if "head.weight" in tensors:
+            temperature = float(tensors["head.temperature"]) if "head.temperature" in tensors else float(learner.temperature)
+            learner = replace(learner, theta_weight=tensors["head.weight"].float(), theta_bias=tensors["head.bias"].float(),
+                              temperature=temperature)
+        if learner.ensemble == "none":
             return learner
         state = {key[len("hyperprior."):]: value for key, value in tensors.items() if key.startswith("hyperprior.")}
         if not state:
             raise ValueError("base_learner.ensemble=e3bm, but the checkpoint holds no hyperprior learners (hyperprior.* "
                              "tensors): it was meta-trained without E3BM. Score it with base_learner.ensemble=none.")
         return replace(learner, hyperprior=Hyperprior.from_tensors(state))
+
+    @classmethod
+    def untrained(cls, config: Any, dim: int, *, n_way: int, seed: int) -> "BaseLearner":
+        """The base-learner as meta-training starts it, for D = `dim` features: theta at `config.init`
+        for `n_way` classes and, with E3BM, fresh hyperprior learners, each drawn from a generator
+        seeded by `seed` (the run's). What pre-training validates with, what meta-training learns
+        from, and the start that the paired gain is measured against."""
+        learner = cls.from_config(config)
+        weight = init_head_weight(n_way, dim, learner.init, generator=torch.Generator().manual_seed(seed))
+        learner = replace(learner, theta_weight=weight, theta_bias=torch.zeros(n_way))
+        return learner.with_untrained_hyperprior(dim, torch.Generator().manual_seed(seed))
 
     def with_untrained_hyperprior(self, dim: int, generator: torch.Generator | None = None) -> "BaseLearner":
         """With `ensemble="e3bm"`, a copy holding fresh hyperprior learners for D = `dim` features, as
@@ -272,20 +254,80 @@ class BaseLearner:
             return self
         return replace(self, hyperprior=Hyperprior(self.steps, dim, self.lr, self.ensemble_init, generator=generator))
 
+    def with_theta(self, weight: torch.Tensor, bias: torch.Tensor, temperature: torch.Tensor | float | None = None) -> "BaseLearner":
+        """A copy started from theta = (`weight` (N0, D), `bias` (N0,)), and `temperature` if given."""
+        return replace(self, theta_weight=weight, theta_bias=bias, temperature=self.temperature if temperature is None else temperature)
+
+    # --- its tensors ----------------------------------------------------------------------------
+
+    def to(self, device: torch.device | str) -> "BaseLearner":
+        """A copy with theta (and the temperature, if a tensor) on `device`; the hyperprior learners move in place."""
+        if self.hyperprior is not None:
+            self.hyperprior.to(device)
+        temperature = self.temperature.to(device) if isinstance(self.temperature, torch.Tensor) else self.temperature
+        if self.theta_weight is None:
+            return replace(self, temperature=temperature)
+        return replace(self, theta_weight=self.theta_weight.to(device), theta_bias=self.theta_bias.to(device), temperature=temperature)
+
+    def trainable(self, device: torch.device) -> "BaseLearner":
+        """A copy for meta-training on `device`: theta and the temperature as `nn.Parameter`s, each
+        requiring a gradient where `learn_theta` / `learn_temperature` says it is learned."""
+        if self.hyperprior is not None:
+            self.hyperprior.to(device)
+        weight, bias = nn.Parameter(self.theta_weight.to(device)), nn.Parameter(self.theta_bias.to(device))
+        temperature = nn.Parameter(torch.tensor(float(self.temperature), device=device))
+        for parameter in (weight, bias):
+            parameter.requires_grad_(self.learn_theta)
+        temperature.requires_grad_(self.learn_temperature)
+        return replace(self, theta_weight=weight, theta_bias=bias, temperature=temperature)
+
+    def head_parameters(self) -> list[torch.Tensor]:
+        """What meta-training learns of theta and the temperature (`learn_theta`, `learn_temperature`), in that order."""
+        return ([self.theta_weight, self.theta_bias] if self.learn_theta else []) + ([self.temperature] if self.learn_temperature else [])
+
+    def hyperprior_parameters(self) -> list[nn.Parameter]:
+        """E3BM's hyperprior learners' parameters (none without E3BM)."""
+        return list(self.hyperprior.parameters()) if self.hyperprior is not None else []
+
+    def detached(self) -> "BaseLearner":
+        """A copy whose theta and temperature carry no gradient (to score while meta-training)."""
+        temperature = self.temperature.detach() if isinstance(self.temperature, torch.Tensor) else self.temperature
+        return replace(self, theta_weight=self.theta_weight.detach(), theta_bias=self.theta_bias.detach(), temperature=temperature)
+
+    @torch.no_grad()
+    def load_tensors_(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """In place: theta, the temperature (if saved: runs from before the base-learner options have
+        none) and the hyperprior learners from a checkpoint's tensors (a resumed meta-training)."""
+        self.theta_weight.copy_(tensors["head.weight"])
+        self.theta_bias.copy_(tensors["head.bias"])
+        if "head.temperature" in tensors and isinstance(self.temperature, torch.Tensor):
+            self.temperature.copy_(tensors["head.temperature"])
+        if self.hyperprior is not None:
+            self.hyperprior.load_state_dict({key[len("hyperprior."):]: value for key, value in tensors.items() if key.startswith("hyperprior.")})
+
     def to_dict(self) -> dict[str, Any]:
-        """The settings, plain values only (a bundle's `base_learner`)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "hyperprior"}
+        """The settings that scoring needs, plain values only (a bundle's `base_learner`)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _LEARNED + _TRAINING_ONLY}
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The learned tensors the base-learner itself holds, named as checkpoints and bundles store them."""
-        if self.hyperprior is None:
-            return {}
-        return {f"hyperprior.{name}": tensor.detach().contiguous() for name, tensor in self.hyperprior.state_dict().items()}
+        """What the base-learner has learned, named as checkpoints and bundles store it: theta and the
+        temperature (`head.*`, when it holds theta), E3BM's hyperprior learners (`hyperprior.*`)."""
+        tensors = {}
+        if self.theta_weight is not None:
+            temperature = self.temperature if isinstance(self.temperature, torch.Tensor) else torch.tensor(float(self.temperature))
+            tensors.update({"head.weight": self.theta_weight.detach().contiguous(), "head.bias": self.theta_bias.detach().contiguous(),
+                            "head.temperature": temperature.detach().float()})
+        if self.hyperprior is not None:
+            tensors.update({f"hyperprior.{name}": tensor.detach().contiguous() for name, tensor in self.hyperprior.state_dict().items()})
+        return tensors
 
-    def initial_head(self, support: torch.Tensor, labels: torch.Tensor, theta_weight: torch.Tensor, theta_bias: torch.Tensor,
-                     n_way: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # --- the inner loop -------------------------------------------------------------------------
+
+    def initial_head(self, support: torch.Tensor, labels: torch.Tensor, n_way: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each task's FC before fine-tuning: (T, n_way, D) weight and (T, n_way) bias."""
-        weight, bias = expand_head(theta_weight, theta_bias, n_way, support.shape[0])
+        if self.theta_weight is None:
+            raise ValueError("This base-learner holds no theta: build it with from_config(config, tensors), untrained() or with_theta().")
+        weight, bias = expand_head(self.theta_weight, self.theta_bias, n_way, support.shape[0])
         if self.fc_init == "prototypes":
             prototypes = class_means(support, labels, n_way)
             if self.prototype_centre:
@@ -305,40 +347,39 @@ class BaseLearner:
             return temperature * torch.bmm(F.normalize(features, dim=-1), F.normalize(weight, dim=-1).transpose(1, 2)) + bias.unsqueeze(1)
         return head_logits(features, weight, bias)
 
-    def logits_of(self, features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                  temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
+    def logits_of(self, features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """(T, M, D) features -> (T, M, N) logits of the task heads `adapt` returned (without an
         ensemble, of any heads). An E3BM head of cosine logits holds the weighted sum of the steps'
         unit-length weights, which is read as it is: normalising it again would change the sum."""
         features = self._centred(features)
         if self.logits == "cosine" and self.ensemble == "e3bm":
-            return temperature * torch.bmm(F.normalize(features, dim=-1), weight.transpose(1, 2)) + bias.unsqueeze(1)
-        return self._step_logits(features, weight, bias, temperature)
+            return self.temperature * torch.bmm(F.normalize(features, dim=-1), weight.transpose(1, 2)) + bias.unsqueeze(1)
+        return self._step_logits(features, weight, bias, self.temperature)
 
-    def adapt(self, support: torch.Tensor, labels: torch.Tensor, theta_weight: torch.Tensor, theta_bias: torch.Tensor, n_way: int, *,
-              temperature: torch.Tensor | float = 1.0, second_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def adapt(self, support: torch.Tensor, labels: torch.Tensor, n_way: int, *,
+              second_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Start each task's FC and fine-tune it on the (T, M, D) support features with (T, M) labels;
         returns the (T, N, D) weights and (T, N) biases `logits_of` reads."""
         support = self._centred(support)
         if self.ensemble == "e3bm":
-            return self._adapt_ensemble(support, labels, theta_weight, theta_bias, n_way, temperature, second_order)
-        weight, bias = self.initial_head(support, labels, theta_weight, theta_bias, n_way)
+            return self._adapt_ensemble(support, labels, n_way, second_order)
+        weight, bias = self.initial_head(support, labels, n_way)
         if self.logits == "linear":  # the closed-form step
             return adapt_head(support, labels, weight, bias, steps=self.steps, lr=self.lr, second_order=second_order)
         if not second_order:
             support = support.detach()
-        return _adapt_by_autograd(self._support_loss(support, labels, temperature), weight, bias, steps=self.steps, lr=self.lr,
+        return _adapt_by_autograd(self._support_loss(support, labels), weight, bias, steps=self.steps, lr=self.lr,
                                   second_order=second_order)
 
-    def _support_loss(self, support: torch.Tensor, labels: torch.Tensor, temperature: torch.Tensor | float) -> LossFunction:
+    def _support_loss(self, support: torch.Tensor, labels: torch.Tensor) -> LossFunction:
         """The support sets' summed per-task mean cross-entropy of heads (w, b): its gradient is each task's own."""
         def loss(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(self._step_logits(support, w, b, temperature).flatten(0, 1), labels.flatten()) * support.shape[0]
+            return F.cross_entropy(self._step_logits(support, w, b, self.temperature).flatten(0, 1), labels.flatten()) * support.shape[0]
 
         return loss
 
-    def _adapt_ensemble(self, support: torch.Tensor, labels: torch.Tensor, theta_weight: torch.Tensor, theta_bias: torch.Tensor,
-                        n_way: int, temperature: torch.Tensor | float, second_order: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _adapt_ensemble(self, support: torch.Tensor, labels: torch.Tensor, n_way: int,
+                        second_order: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """E3BM: step k moves each task's head by its own a_k times the gradient, and the task's head is
         sum_k v_k * head_k. Logits are linear in the head (cosine ones in its unit-length rows), so this
         one head scores queries exactly as the code's sum of the steps' query logits, with no query in the loop."""
@@ -350,9 +391,9 @@ class BaseLearner:
                              f"base_learner.steps={self.steps} must match.")
         if not second_order:  # first order: the support features get no gradient, here as in the linear loop's caller
             support = support.detach()
-        weight, bias = self.initial_head(support, labels, theta_weight, theta_bias, n_way)
+        weight, bias = self.initial_head(support, labels, n_way)
         targets = F.one_hot(labels, n_way).to(support.dtype)
-        loss = self._support_loss(support, labels, temperature)
+        loss = self._support_loss(support, labels)
         support_mean = support.mean(dim=1)  # (T, D)
         combined_weight, combined_bias = torch.zeros_like(weight), torch.zeros_like(bias)
         for step in range(self.steps):

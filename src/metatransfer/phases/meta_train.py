@@ -17,7 +17,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,20 +28,21 @@ from metatransfer.config import Config
 from metatransfer.data.augment import augment_batch
 from metatransfer.data.episodes import Episode, TaskIndices, TaskSampler, gather_episode
 from metatransfer.distributed import all_gather, all_reduce_gradients, all_reduce_sum, barrier, is_main, rank, rank_slice, world_size
+from metatransfer.evaluation import EpisodePlan, evaluate_split, validation_model
+from metatransfer.features import batch_statistics, forward_images
+from metatransfer.loading import backbone_meta, load_pretrained_backbone, pretrained_stem, shot_best_stem
+from metatransfer.model import Preprocessing
 from metatransfer.models.head import BaseLearner, per_class_accuracy
 from metatransfer.models.scale_shift import apply_scale_shift, scale_shift_parameters, scale_shift_penalty
-from metatransfer.phases.features import (
-    backbone_meta, batch_statistics, class_subset, forward_images, held_out_classes, load_pretrained_backbone, pretrained_stem, shot_best_stem, start_phase,
-    untrained_learner, untrained_theta,
-)
 from metatransfer.phases import pretrain
+from metatransfer.phases._start import start_phase
 from metatransfer.phases.hard_tasks import HardTaskScheduler
-from metatransfer.phases.meta_test import evaluate_split
 from metatransfer.progress import progress_bar
 from metatransfer.run import (
     MetricsLog, checkpoint_exists, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
     restore_rng_state, rng_state_tensors, save_checkpoint, tensors_under, write_json,
 )
+from metatransfer.splits import class_subset, held_out_classes
 
 __all__ = ["prepare_meta_model", "meta_batch_loss", "run"]
 
@@ -69,10 +70,11 @@ def prepare_meta_model(config: Config, run_dir: Path, in_chans: int) -> tuple[nn
     return backbone, trainable
 
 
-def _task_features(backbone: nn.Module, episode: Episode, config: Config, device: torch.device, mean, std,
-                   augment=None) -> tuple[torch.Tensor, torch.Tensor]:
+def _task_features(backbone: nn.Module, episode: Episode, config: Config, device: torch.device, preprocessing: Preprocessing,
+                   augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(T, N*K, D) support and (T, N*Q, D) query features of a meta-batch."""
-    options = dict(mean=mean, std=std, device=device, amp=config.amp, channels_last=config.channels_last, augment=augment)
+    options = dict(mean=preprocessing.mean, std=preprocessing.std, device=device, amp=config.amp, channels_last=config.channels_last,
+                   augment=augment)
     T, n_support = episode.support_labels.shape
     if config.model.bn_mode == "frozen" and config.meta_train.first_order:
         # First order gives the support features no gradient: forwarding them without a graph means
@@ -92,23 +94,29 @@ def _task_features(backbone: nn.Module, episode: Episode, config: Config, device
 
 
 def meta_batch_loss(
-    backbone: nn.Module, head_weight: torch.Tensor, head_bias: torch.Tensor, episode: Episode,
-    config: Config, device: torch.device, mean, std, temperature: torch.Tensor | float | None = None, augment=None,
-    learner: BaseLearner | None = None,
+    backbone: nn.Module,
+    learner: BaseLearner,
+    episode: Episode,
+    config: Config,
+    preprocessing: Preprocessing,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Query loss of the adapted base-learners, plus (T, N) per-class query accuracy and loss;
-    `augment` maps each normalised image batch before the backbone (meta_train.augment); `learner`
-    is the base-learner with what it learns itself (E3BM's hyperprior learners; default:
-    `config.base_learner`'s settings alone)."""
-    n_way = head_weight.shape[0]
-    learner = learner if learner is not None else BaseLearner.from_config(config.base_learner)
-    temperature = config.base_learner.temperature if temperature is None else temperature
-    support, query = _task_features(backbone, episode, config, device, mean, std, augment)
+    """Query loss of the adapted base-learners, plus (T, N) per-class query accuracy and loss.
+
+    Args:
+        backbone: the backbone being meta-trained, on the device of `learner`'s theta.
+        learner: the base-learner with theta, temperature and (E3BM) hyperprior learners, as meta-trained.
+        episode: the meta-batch's T tasks (images).
+        config: the run's settings (BN mode, first order, amp, channels_last).
+        preprocessing: the mean/std that normalise the images.
+        augment: maps each normalised image batch before the backbone (meta_train.augment).
+    """
+    n_way, device = learner.theta_weight.shape[0], learner.theta_weight.device
+    support, query = _task_features(backbone, episode, config, device, preprocessing, augment)
     if config.meta_train.first_order:
         support = support.detach()
-    weight, bias = learner.adapt(support, episode.support_labels.to(device), head_weight, head_bias, n_way,
-                                 temperature=temperature, second_order=not config.meta_train.first_order)
-    logits = learner.logits_of(query, weight, bias, temperature)
+    weight, bias = learner.adapt(support, episode.support_labels.to(device), n_way, second_order=not config.meta_train.first_order)
+    logits = learner.logits_of(query, weight, bias)
     labels = episode.query_labels.to(device)
     losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
     with torch.no_grad():
@@ -160,15 +168,10 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     backbone.to(device).eval()  # eval: BN at running statistics and no dropout, whatever bn_mode
     if config.channels_last:
         backbone.to(memory_format=torch.channels_last)
-    theta_weight, theta_bias = untrained_theta(config, backbone.out_features)
-    head_weight, head_bias = nn.Parameter(theta_weight.to(device)), nn.Parameter(theta_bias.to(device))
-    head_temperature = nn.Parameter(torch.tensor(config.base_learner.temperature, device=device))
-    learned_head = [head_weight, head_bias] if config.base_learner.learn_theta else []
-    learned_head += [head_temperature] if config.base_learner.learn_temperature else []
-    for parameter in (head_weight, head_bias, head_temperature):
-        parameter.requires_grad_(any(parameter is learned for learned in learned_head))
-    learner = untrained_learner(config, backbone.out_features)  # with E3BM, its hyperprior learners are meta-learned too
-    hyperprior = list(learner.hyperprior.to(device).parameters()) if learner.hyperprior is not None else []
+    # theta, the temperature and (E3BM) the hyperprior learners, at their init; what of them is learned: base_learner.learn_*
+    learner = BaseLearner.untrained(config.base_learner, backbone.out_features, n_way=meta.n_way, seed=config.seed).trainable(device)
+    learned_head, hyperprior = learner.head_parameters(), learner.hyperprior_parameters()
+    preprocessing = Preprocessing.from_split(train.images, train.mean, train.std)
     groups = [{"params": trainable, "lr": meta.lr_ss, "name": "adapt"}]
     groups += [{"params": learned_head, "lr": meta.lr_head, "name": "head"}] if learned_head else []
     groups += [{"params": hyperprior, "lr": meta.lr_hyperprior, "name": "hyperprior"}] if hyperprior else []
@@ -188,8 +191,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
 
     def model_tensors() -> dict[str, torch.Tensor]:
         tensors = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
-        return {**tensors, "head.weight": head_weight.detach(), "head.bias": head_bias.detach(), "head.temperature": head_temperature.detach(),
-                **learner.tensors()}
+        return {**tensors, **learner.tensors()}
 
     def save_last(iteration: int) -> None:
         if not is_main():
@@ -210,13 +212,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     if checkpoint_exists(last_stem):  # resume
         tensors, saved = load_checkpoint(last_stem, expect=model_meta)
         backbone.load_state_dict(tensors_under(tensors, "backbone"))
-        with torch.no_grad():
-            head_weight.copy_(tensors["head.weight"])
-            head_bias.copy_(tensors["head.bias"])
-            if "head.temperature" in tensors:  # runs from before the base-learner options have none
-                head_temperature.copy_(tensors["head.temperature"])
-        if learner.hyperprior is not None:
-            learner.hyperprior.load_state_dict(tensors_under(tensors, "hyperprior"))
+        learner.load_tensors_(tensors)
         optimizer_from_tensors(optimizer, tensors, saved["optimizer"], "optimizer")
         restore_rng_state(tensors, device)
         sampler.load_state_dict(saved["sampler"])
@@ -250,12 +246,9 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
 
     def validate(iteration: int) -> float:
         nonlocal best_accuracy
-        result, *others = evaluate_split(
-            backbone, head_weight.detach(), head_bias.detach(), val, config, device, ways=[meta.n_way], shots=[meta.n_shot, *extra_shots],
-            temperature=head_temperature.detach(), learner=learner,
-            episodes=meta.val_episodes, n_query=config.meta_test.n_query, protocol="standard", seed=meta.val_seed,
-            with_shifts=False,  # each check stays as cheap as the flip alone makes it
-        )
+        plan = EpisodePlan(ways=[meta.n_way], shots=[meta.n_shot, *extra_shots], episodes=meta.val_episodes,
+                           n_query=config.meta_test.n_query, seed=meta.val_seed)
+        result, *others = evaluate_split(validation_model(config, backbone, learner.detached(), val, device), val, plan)
         extra = {f"{key}_{other['shot']}shot": other[key] for other in others for key in ("accuracy", "ci95")}
         metrics.log("meta_train_val", iteration, accuracy=result["accuracy"], ci95=result["ci95"], **extra)
         best_accuracy = keep_if_best(best_stem, result, best_accuracy, iteration)
@@ -277,8 +270,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         kind = hard.next_kind(iteration)
         tasks = hard.sample(kind, sampler, meta.n_tasks)
         episode = gather_episode(train.images, _task_slice(tasks, shard))
-        loss, accuracy, class_loss = meta_batch_loss(backbone, head_weight, head_bias, episode, config, device, train.mean, train.std,
-                                                     temperature=head_temperature, augment=_augmentation(config, iteration, device), learner=learner)
+        loss, accuracy, class_loss = meta_batch_loss(backbone, learner, episode, config, preprocessing, _augmentation(config, iteration, device))
         loss_value = all_reduce_sum(loss.detach()).item() / world_size()  # every rank checks the same value
         if not np.isfinite(loss_value):
             raise FloatingPointError(

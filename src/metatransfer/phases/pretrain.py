@@ -28,13 +28,16 @@ import torch.nn.functional as F
 from metatransfer.config import Config
 from metatransfer.data.augment import augment_batch, to_float
 from metatransfer.distributed import all_reduce_gradients, all_reduce_sum, barrier, is_main, rank_slice
-from metatransfer.phases.features import backbone_meta, build_backbone, class_subset, held_out_classes, start_phase, untrained_theta
-from metatransfer.phases.meta_test import evaluate_split
+from metatransfer.evaluation import EpisodePlan, evaluate_split, validation_model
+from metatransfer.loading import backbone_meta, build_backbone
+from metatransfer.models.head import BaseLearner
+from metatransfer.phases._start import start_phase
 from metatransfer.progress import progress_bar
 from metatransfer.run import (
     MetricsLog, autocast, checkpoint_exists, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors,
     prepare_run_dir, read_run_config, restore_rng_state, rng_state_tensors, save_checkpoint, tensors_under, write_json,
 )
+from metatransfer.splits import class_subset, held_out_classes
 from metatransfer.transfer import load_init_backbone
 
 __all__ = ["learning_rate", "resolve_teacher", "load_teacher", "distillation_loss", "rotate_batch", "teach_generations", "run"]
@@ -245,11 +248,10 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     def validate(epoch: int) -> dict[str, float]:
         """Few-shot accuracy of the current features; a new best is saved as `pretrain/best`."""
         nonlocal best_accuracy
-        result = evaluate_split(  # the base-learner as meta-test runs it from its untrained init
-            backbone, *untrained_theta(config, backbone.out_features, n_way=5), val, config, device, ways=[5],
-            shots=[pre.val_shot], episodes=pre.val_episodes, n_query=config.meta_test.n_query, protocol="standard", seed=config.meta_test.seed,
-            with_shifts=False,  # each check stays as cheap as the flip alone makes it
-        )[0]
+        # the base-learner as meta-test runs it from its untrained init
+        learner = BaseLearner.untrained(config.base_learner, backbone.out_features, n_way=5, seed=config.seed).to(device)
+        plan = EpisodePlan(ways=[5], shots=[pre.val_shot], episodes=pre.val_episodes, n_query=config.meta_test.n_query, seed=config.meta_test.seed)
+        result = evaluate_split(validation_model(config, backbone, learner, val, device), val, plan)[0]
         if result["accuracy"] > best_accuracy:
             best_accuracy = result["accuracy"]
             if is_main():

@@ -1,4 +1,5 @@
-"""evaluate_split: features of only the images the episodes use, scored like the whole split's."""
+"""evaluate_split: a FewShotModel on seeded episodes; features of only the images the episodes use,
+scored like the whole split's; test-time views in the rows."""
 
 from __future__ import annotations
 
@@ -8,16 +9,25 @@ import numpy as np
 import pytest
 import torch
 
-import metatransfer.phases.meta_test as meta_test
-from metatransfer.config import Config
-from metatransfer.data.cache import load_split
+import metatransfer.model
+from metatransfer.data.cache import ImageSplit, load_split
 from metatransfer.data.episodes import TaskSampler
+from metatransfer.evaluation import EpisodePlan, evaluate_split
+from metatransfer.features import extract_features, forward_images
+from metatransfer.model import FewShotModel, Preprocessing
 from metatransfer.models.backbones import create_backbone
 from metatransfer.models.fuse import inference_copy
 from metatransfer.models.head import BaseLearner
-from metatransfer.phases.features import extract_features, forward_images, shift_offsets, shifted
+from metatransfer.views import shift_offsets, shifted
 
 CPU = torch.device("cpu")
+
+
+def _model(backbone: torch.nn.Module, split: ImageSplit, **settings) -> FewShotModel:
+    """`backbone` with a 5-way theta of small random rows and the default base-learner, fp32 (as the reference features)."""
+    theta_w, theta_b = 0.01 * torch.randn(5, backbone.out_features), torch.zeros(5)
+    learner = BaseLearner(steps=100, lr=0.01).with_theta(theta_w, theta_b)
+    return FewShotModel(backbone, learner, Preprocessing.from_split(split.images, split.mean, split.std), **settings)
 
 
 @pytest.mark.parametrize("protocol", ["standard", "paper"])
@@ -26,20 +36,17 @@ def test_only_the_used_images_are_extracted_and_accuracies_equal_those_of_the_wh
     split = load_split(root, name, "test")  # 20 classes x 25 images
     torch.manual_seed(0)
     backbone = create_backbone("conv4", in_chans=3, width=0.25).eval()
-    theta_w, theta_b = 0.01 * torch.randn(5, backbone.out_features), torch.zeros(5)
-    config = Config()
-    config.amp = False  # fp32 on every machine, as the reference features below
+    model = _model(backbone, split, channels_last=True)
     extracted = []
-    original = meta_test.extract_features
+    original = metatransfer.model.extract_features
 
     def counting(*args, **kwargs):
         features = original(*args, **kwargs)
         extracted.append(len(features))
         return features
 
-    monkeypatch.setattr(meta_test, "extract_features", counting)
-    results = meta_test.evaluate_split(backbone, theta_w, theta_b, split, config, CPU, ways=[5], shots=[1], episodes=3,
-                                       n_query=2, protocol=protocol, seed=7)
+    monkeypatch.setattr(metatransfer.model, "extract_features", counting)
+    results = evaluate_split(model, split, EpisodePlan(ways=[5], shots=[1], episodes=3, n_query=2, protocol=protocol, seed=7))
 
     query = 1 if protocol == "paper" else 2
     tasks = TaskSampler(split.labels, n_way=5, n_shot=1, n_query=query, seed=[7, 5, 1]).sample(3)
@@ -51,8 +58,7 @@ def test_only_the_used_images_are_extracted_and_accuracies_equal_those_of_the_wh
     plain = inference_copy(backbone)
     whole = extract_features(plain, split.images, **options)
     flipped = extract_features(plain, split.images, flip=True, **options) if protocol == "paper" else None
-    expected = meta_test.evaluate_features(whole, tasks, theta_w, theta_b, learner=BaseLearner.from_config(config.base_learner),
-                                           temperature=config.base_learner.temperature, flipped=flipped)
+    expected = model.score(whole, tasks, flipped=flipped)
     assert results[0]["per_episode"] == expected.round(4).tolist()
 
 
@@ -65,14 +71,11 @@ def test_flip_average_scores_a_mirrored_split_as_the_split(fc100_small, bn_mode)
     mirrored = dataclasses.replace(split, images=np.ascontiguousarray(np.asarray(split.images)[:, :, ::-1]))
     torch.manual_seed(0)
     backbone = create_backbone("conv4", in_chans=3, width=0.25).eval()
-    theta_w, theta_b = 0.01 * torch.randn(5, backbone.out_features), torch.zeros(5)
-    config = Config()
-    config.amp, config.model.bn_mode = False, bn_mode
+    model = _model(backbone, split, bn_mode=bn_mode)
+    plan = EpisodePlan(ways=[5], shots=[1], episodes=6, n_query=3, seed=3)
 
     def scores(images, flip_average: bool) -> list[float]:
-        config.model.flip_average = flip_average
-        return meta_test.evaluate_split(backbone, theta_w, theta_b, images, config, CPU, ways=[5], shots=[1], episodes=6,
-                                        n_query=3, protocol="standard", seed=3)[0]["per_episode"]
+        return evaluate_split(dataclasses.replace(model, flip_average=flip_average), images, plan)[0]["per_episode"]
 
     assert scores(mirrored, True) == scores(split, True)
     assert scores(mirrored, False) != scores(split, False)  # so the episodes can tell
@@ -86,7 +89,7 @@ def test_flip_average_scores_a_mirrored_split_as_the_split(fc100_small, bn_mode)
 @pytest.mark.parametrize("bn_mode", ["frozen", "batch"])
 def test_shift_views_average_the_grid_of_shifted_copies_and_validation_can_leave_them_out(fc100_small, bn_mode):
     """model.shift_views=s: each feature is the mean over the image moved to the 3x3 grid of -s, 0, s
-    pixels (zero-padded), extracted in smaller batches; evaluate_split(with_shifts=False) scores as s=0."""
+    pixels (zero-padded), extracted in smaller batches; a row says which s scored it."""
     root, name = fc100_small
     split = load_split(root, name, "test")
     torch.manual_seed(0)
@@ -104,26 +107,12 @@ def test_shift_views_average_the_grid_of_shifted_copies_and_validation_can_leave
     mirrored = extract_features(backbone, images, shift_views=2, flip=True, **options)
     torch.testing.assert_close(both, (averaged + mirrored) / 2, atol=1e-5, rtol=1e-5)  # the grid is symmetric
 
-    theta_w, theta_b = 0.01 * torch.randn(5, backbone.out_features), torch.zeros(5)
-    config = Config()
-    config.amp, config.model.bn_mode = False, bn_mode
+    model = _model(backbone, split, bn_mode=bn_mode)
+    plan = EpisodePlan(ways=[5], shots=[1], episodes=6, n_query=3, seed=3)
 
-    def row(shift_views: int, **kwargs) -> dict:
-        config.model.shift_views = shift_views
-        return meta_test.evaluate_split(backbone, theta_w, theta_b, split, config, CPU, ways=[5], shots=[1], episodes=6,
-                                        n_query=3, protocol="standard", seed=3, **kwargs)[0]
+    def row(shift_views: int) -> dict:
+        return evaluate_split(dataclasses.replace(model, shift_views=shift_views), split, plan)[0]
 
-    plain, with_shifts, left_out = row(0), row(2), row(2, with_shifts=False)
-    assert (plain["shift_views"], with_shifts["shift_views"], left_out["shift_views"]) == (0, 2, 0)
-    assert left_out["per_episode"] == plain["per_episode"]
+    plain, with_shifts = row(0), row(2)
+    assert (plain["shift_views"], with_shifts["shift_views"]) == (0, 2)
     assert with_shifts["per_episode"] != plain["per_episode"]
-
-
-def test_shifted_moves_the_picture_and_pads_with_zeros():
-    x = torch.arange(1.0, 17.0).view(1, 1, 4, 4)
-    right, up = shifted(x, 1, 0)[0, 0], shifted(x, 0, -1)[0, 0]
-    torch.testing.assert_close(right[:, 1:], x[0, 0, :, :3])
-    assert right[:, 0].eq(0).all()
-    torch.testing.assert_close(up[:3], x[0, 0, 1:])
-    assert up[3].eq(0).all()
-    assert shifted(x, 0, 0) is x
