@@ -64,7 +64,7 @@ from metatransfer.models.fuse import inference_copy
 from metatransfer.model import Preprocessing
 from metatransfer.models.head import BaseLearner, init_head_weight
 from metatransfer.models.scale_shift import apply_scale_shift, scale_shift_parameters
-from metatransfer.features import extract_features
+from metatransfer.features import FeatureSettings, extract_features
 from metatransfer.phases.meta_train import meta_batch_loss
 from metatransfer.run import autocast, native_bf16, resolve_device
 
@@ -234,8 +234,8 @@ def features_step(name: str, config: Config, settings: Settings, device: torch.d
     images = np.random.default_rng(0).integers(0, 256, (settings.feature_batch, size, size, 3), dtype=np.uint8)
 
     def step() -> torch.Tensor:
-        features = extract_features(plain, images, mean=MEAN, std=STD, device=device, amp=config.amp,
-                                    channels_last=config.channels_last, batch_size=settings.feature_batch)
+        features = extract_features(plain, images, FeatureSettings(mean=MEAN, std=STD, device=device, amp=config.amp,
+                                                                    channels_last=config.channels_last), batch_size=settings.feature_batch)
         return features.sum()
 
     return step

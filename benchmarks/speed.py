@@ -52,7 +52,7 @@ from metatransfer.models.backbones import create_backbone
 from metatransfer.models.head import BaseLearner, adapt_head, expand_head, head_logits, init_head_weight
 from metatransfer.models.scale_shift import apply_scale_shift, scale_shift_parameters
 from metatransfer.models.fuse import inference_copy
-from metatransfer.features import extract_features
+from metatransfer.features import FeatureSettings, extract_features
 from metatransfer.evaluation import confidence_interval
 from metatransfer.model import FewShotModel, Preprocessing
 from metatransfer.phases.meta_train import meta_batch_loss, prepare_meta_model
@@ -155,10 +155,10 @@ def bench_meta_test(args, backbone: nn.Module, split, theta_w, theta_b) -> dict:
     base_a = baseline_meta_test(fp32, split, first, theta_w, theta_b, steps=steps, lr=lr)
 
     # Ours: features of the whole split once, then all episodes batched.
-    options = dict(mean=split.mean, std=split.std, device=CPU, amp=True, channels_last=True)
-    extract_features(inference_copy(ours_model), split.images[:256], **options)  # warm-up
+    settings = FeatureSettings(mean=split.mean, std=split.std, device=CPU, amp=True, channels_last=True)
+    extract_features(inference_copy(ours_model), split.images[:256], settings)  # warm-up
     tick = time.perf_counter()
-    features = extract_features(inference_copy(ours_model), split.images, **options)  # as meta-test: SS and BN folded
+    features = extract_features(inference_copy(ours_model), split.images, settings)  # as meta-test: SS and BN folded
     scorer = FewShotModel(ours_model, BaseLearner(steps=steps, lr=lr).with_theta(theta_w, theta_b),
                           Preprocessing.from_split(split.images, split.mean, split.std))  # scores the features above
     extract_s = time.perf_counter() - tick

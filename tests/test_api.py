@@ -15,7 +15,7 @@ from metatransfer import FewShotClassifier
 from metatransfer.api import Preprocessing, load_image
 from metatransfer.data.cache import load_split, read_manifest
 from metatransfer.data.episodes import TaskIndices
-from metatransfer.features import extract_features
+from metatransfer.features import FeatureSettings, extract_features
 
 RGB32 = Preprocessing(image_size=32, channels=3, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 INK28 = Preprocessing(image_size=28, channels=1, mean=(0.1,), std=(0.3,), invert=True)
@@ -144,9 +144,7 @@ def test_classifier_agrees_with_the_meta_test_protocol(smoke_run, prepared_fc100
     images = split.images[np.concatenate([support, query])]  # features of the task's images only
     positions = np.arange(len(images))
     tasks = TaskIndices(positions[None, : len(support)], positions[None, len(support) :], classes[None], 5, N_SHOT, N_QUERY)
-    prep = model.preprocessing
-    features = extract_features(model.backbone, images, mean=prep.mean, std=prep.std, device=torch.device("cpu"),
-                                amp=False, channels_last=False)
+    features = extract_features(model.backbone, images, FeatureSettings(mean=model.preprocessing.mean, std=model.preprocessing.std))
     expected = model.model.score(features, tasks)[0]
     labels = np.repeat(np.arange(5), N_SHOT)
     model.fit(split.images[support], labels)

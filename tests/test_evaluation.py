@@ -13,7 +13,7 @@ import metatransfer.model
 from metatransfer.data.cache import ImageSplit, load_split
 from metatransfer.data.episodes import TaskSampler
 from metatransfer.evaluation import EpisodePlan, evaluate_split
-from metatransfer.features import extract_features, forward_images
+from metatransfer.features import FeatureSettings, extract_features, forward_images
 from metatransfer.model import FewShotModel, Preprocessing
 from metatransfer.models.backbones import create_backbone
 from metatransfer.models.fuse import inference_copy
@@ -54,10 +54,10 @@ def test_only_the_used_images_are_extracted_and_accuracies_equal_those_of_the_wh
     assert extracted == [len(used)] * (2 if protocol == "paper" else 1)
     assert len(used) < len(split.labels)
 
-    options = dict(mean=split.mean, std=split.std, device=CPU, amp=False, channels_last=True)
+    settings = FeatureSettings(mean=split.mean, std=split.std, device=CPU, amp=False, channels_last=True)
     plain = inference_copy(backbone)
-    whole = extract_features(plain, split.images, **options)
-    flipped = extract_features(plain, split.images, flip=True, **options) if protocol == "paper" else None
+    whole = extract_features(plain, split.images, settings)
+    flipped = extract_features(plain, split.images, settings, flip=True) if protocol == "paper" else None
     expected = model.score(whole, tasks, flipped=flipped)
     assert results[0]["per_episode"] == expected.round(4).tolist()
 
@@ -79,9 +79,9 @@ def test_flip_average_scores_a_mirrored_split_as_the_split(fc100_small, bn_mode)
 
     assert scores(mirrored, True) == scores(split, True)
     assert scores(mirrored, False) != scores(split, False)  # so the episodes can tell
-    options = dict(mean=split.mean, std=split.std, device=CPU, amp=False, channels_last=False)
-    one, other = (extract_features(backbone, images.images[:4], **options) for images in (split, mirrored))
-    averaged = extract_features(backbone, split.images[:4], flip_average=True, **options)
+    settings = FeatureSettings(mean=split.mean, std=split.std, device=CPU)
+    one, other = (extract_features(backbone, images.images[:4], settings) for images in (split, mirrored))
+    averaged = extract_features(backbone, split.images[:4], dataclasses.replace(settings, flip_average=True))
     assert not torch.allclose(one, other, atol=1e-4)
     torch.testing.assert_close(averaged, (one + other) / 2, atol=1e-5, rtol=1e-5)
 
@@ -94,17 +94,18 @@ def test_shift_views_average_the_grid_of_shifted_copies_and_validation_can_leave
     split = load_split(root, name, "test")
     torch.manual_seed(0)
     backbone = create_backbone("conv4", in_chans=3, width=0.25).eval()
-    options = dict(mean=split.mean, std=split.std, device=CPU, amp=False, channels_last=False)
+    plain = FeatureSettings(mean=split.mean, std=split.std, device=CPU)
+    shifts = dataclasses.replace(plain, shift_views=2)
     images = split.images[:5]
-    copies = [forward_images(backbone, torch.from_numpy(np.array(images)), augment=lambda x, dx=dx, dy=dy: shifted(x, dx, dy), **options)
+    copies = [forward_images(backbone, torch.from_numpy(np.array(images)), plain, augment=lambda x, dx=dx, dy=dy: shifted(x, dx, dy))
               for dx, dy in shift_offsets(2)]
     assert len(copies) == 9 and not torch.allclose(copies[0], copies[4], atol=1e-4)  # (-2, -2) is not the image itself
-    averaged = extract_features(backbone, images, shift_views=2, batch_size=9, **options)  # one image a forward
+    averaged = extract_features(backbone, images, shifts, batch_size=9)  # one image a forward
     torch.testing.assert_close(averaged, torch.stack(copies).mean(0), atol=1e-5, rtol=1e-5)
-    channels_last = extract_features(backbone, images, shift_views=2, **{**options, "channels_last": True})  # as the presets run
+    channels_last = extract_features(backbone, images, dataclasses.replace(shifts, channels_last=True))  # as the presets run
     torch.testing.assert_close(channels_last, averaged, atol=1e-4, rtol=1e-4)
-    both = extract_features(backbone, images, shift_views=2, flip_average=True, **options)
-    mirrored = extract_features(backbone, images, shift_views=2, flip=True, **options)
+    both = extract_features(backbone, images, dataclasses.replace(shifts, flip_average=True))
+    mirrored = extract_features(backbone, images, shifts, flip=True)
     torch.testing.assert_close(both, (averaged + mirrored) / 2, atol=1e-5, rtol=1e-5)  # the grid is symmetric
 
     model = _model(backbone, split, bn_mode=bn_mode)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from metatransfer.data.episodes import TaskSampler
-from metatransfer.features import batch_statistics, extract_features, forward_images
+from metatransfer.features import FeatureSettings, batch_statistics, extract_features, forward_images
 from metatransfer.model import FewShotModel, Preprocessing
 from metatransfer.models.backbones import create_backbone
 from metatransfer.models.head import BaseLearner
@@ -43,10 +43,11 @@ def test_a_batch_of_episodes_scores_as_each_episode_fitted_and_predicted_alone()
 def test_features_use_running_statistics_or_each_set_s_own():
     images = _images(6)
     frozen, batch = _model(), _model(bn_mode="batch")
-    options = dict(mean=MEAN, std=STD, device=CPU, amp=False, channels_last=False)
-    torch.testing.assert_close(frozen.features(images), extract_features(frozen.backbone, images, **options))
+    settings = FeatureSettings(mean=MEAN, std=STD, device=CPU)
+    assert frozen.feature_settings() == settings
+    torch.testing.assert_close(frozen.features(images), extract_features(frozen.backbone, images, settings))
     with batch_statistics(batch.backbone):
-        expected = forward_images(batch.backbone, torch.from_numpy(images), **options)
+        expected = forward_images(batch.backbone, torch.from_numpy(images), settings)
     torch.testing.assert_close(batch.features(images), expected)
     assert not torch.allclose(batch.features(images), frozen.features(images), atol=1e-4)
     assert not batch.backbone.training  # left as it was

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from metatransfer.config import check_shift_views
 from metatransfer.data.episodes import TaskIndices, gather_episode
-from metatransfer.features import batch_statistics, extract_features, forward_images
+from metatransfer.features import FeatureSettings, batch_statistics, extract_features, forward_images
 from metatransfer.models.head import BaseLearner
 
 __all__ = ["Preprocessing", "FewShotModel"]
@@ -123,24 +123,29 @@ class FewShotModel:
 
     # --- images to features ---------------------------------------------------------------------
 
+    def feature_settings(self) -> FeatureSettings:
+        """How this model turns images into features (its normalisation, views and compute settings)."""
+        return FeatureSettings(mean=self.preprocessing.mean, std=self.preprocessing.std, device=self.device, amp=self.amp,
+                               channels_last=self.channels_last, flip_average=self.flip_average, shift_views=self.shift_views)
+
     @torch.no_grad()
     def features(self, images: np.ndarray | torch.Tensor, *, indices: np.ndarray | None = None, flip: bool = False) -> torch.Tensor:
         """uint8 (..., H, W, C) images (all, or the sorted `indices` of the first axis) -> (N, D)
         float32 features on `device`, averaged over the test-time views. With BN frozen the images
         go through in batches; with `bn_mode="batch"` all of them form one set, forwarded at once
         with its own statistics. `flip` mirrors every image first."""
-        prep, views = self.preprocessing, dict(flip_average=self.flip_average, shift_views=self.shift_views)
-        options = dict(mean=prep.mean, std=prep.std, device=self.device, amp=self.amp, channels_last=self.channels_last, **views)
+        settings = self.feature_settings()
         if self.bn_mode == "batch" and isinstance(self.backbone, nn.Module):
+            images = images if indices is None else images[indices]
             batch = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
             batch = batch.flip(-2) if flip else batch  # (..., H, W, C): W is axis -2
             was_training = self.backbone.training
             self.backbone.eval()  # no dropout; batch_statistics puts only BN on batch statistics
             with batch_statistics(self.backbone):
-                features = forward_images(self.backbone, batch, **options)
+                features = forward_images(self.backbone, batch, settings)
             self.backbone.train(was_training)
             return features
-        return extract_features(self.backbone, images, indices=indices, flip=flip, **options)
+        return extract_features(self.backbone, images, settings, indices=indices, flip=flip)
 
     # --- the two few-shot steps -----------------------------------------------------------------
 

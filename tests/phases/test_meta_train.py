@@ -19,7 +19,7 @@ from metatransfer.models.scale_shift import (
     apply_scale_shift,
     scale_shift_parameters,
 )
-from metatransfer.features import forward_images
+from metatransfer.features import FeatureSettings, forward_images
 from metatransfer.phases.meta_train import meta_batch_loss
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -61,7 +61,7 @@ def _reference_first_order_loss(backbone, head_weight, head_bias, episode, confi
     """The plain way: one forward of support and query together, then cut the support's gradient."""
     T, n_support = episode.support_labels.shape
     images = torch.cat([episode.support_images.flatten(0, 1), episode.query_images.flatten(0, 1)])
-    features = forward_images(backbone, images, mean=MEAN, std=STD, device=CPU, amp=False, channels_last=False)
+    features = forward_images(backbone, images, FeatureSettings(mean=MEAN, std=STD, device=CPU))
     support = features[: T * n_support].view(T, n_support, -1).detach()
     query = features[T * n_support :].view(T, -1, features.shape[-1])
     weight, bias = expand_head(head_weight, head_bias, head_weight.shape[0], T)

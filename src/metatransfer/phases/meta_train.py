@@ -29,7 +29,7 @@ from metatransfer.data.augment import augment_batch
 from metatransfer.data.episodes import Episode, TaskIndices, TaskSampler, gather_episode
 from metatransfer.distributed import all_gather, all_reduce_gradients, all_reduce_sum, barrier, is_main, rank, rank_slice, world_size
 from metatransfer.evaluation import EpisodePlan, evaluate_split, validation_model
-from metatransfer.features import batch_statistics, forward_images
+from metatransfer.features import FeatureSettings, batch_statistics, forward_images
 from metatransfer.loading import backbone_meta, load_pretrained_backbone, pretrained_stem, shot_best_stem
 from metatransfer.model import Preprocessing
 from metatransfer.models.head import BaseLearner, per_class_accuracy
@@ -73,23 +73,23 @@ def prepare_meta_model(config: Config, run_dir: Path, in_chans: int) -> tuple[nn
 def _task_features(backbone: nn.Module, episode: Episode, config: Config, device: torch.device, preprocessing: Preprocessing,
                    augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(T, N*K, D) support and (T, N*Q, D) query features of a meta-batch."""
-    options = dict(mean=preprocessing.mean, std=preprocessing.std, device=device, amp=config.amp, channels_last=config.channels_last,
-                   augment=augment)
+    settings = FeatureSettings(mean=preprocessing.mean, std=preprocessing.std, device=device, amp=config.amp,
+                               channels_last=config.channels_last)  # training steps see single images: no test-time views
     T, n_support = episode.support_labels.shape
     if config.model.bn_mode == "frozen" and config.meta_train.first_order:
         # First order gives the support features no gradient: forwarding them without a graph means
         # the backward (2x a forward) runs over the N*Q query images only, not all N*(K+Q).
         with torch.no_grad():
-            support = forward_images(backbone, episode.support_images.flatten(0, 1), **options)
-        query = forward_images(backbone, episode.query_images.flatten(0, 1), **options)
+            support = forward_images(backbone, episode.support_images.flatten(0, 1), settings, augment)
+        query = forward_images(backbone, episode.query_images.flatten(0, 1), settings, augment)
         return support.view(T, n_support, -1), query.view(T, -1, query.shape[-1])
     if config.model.bn_mode == "frozen":  # one forward for the whole meta-batch
         images = torch.cat([episode.support_images.flatten(0, 1), episode.query_images.flatten(0, 1)])
-        features = forward_images(backbone, images, **options)
+        features = forward_images(backbone, images, settings, augment)
         return features[: T * n_support].view(T, n_support, -1), features[T * n_support :].view(T, -1, features.shape[-1])
     with batch_statistics(backbone):  # transductive: each set of each task normalised on its own
-        support = torch.stack([forward_images(backbone, episode.support_images[t], **options) for t in range(T)])
-        query = torch.stack([forward_images(backbone, episode.query_images[t], **options) for t in range(T)])
+        support = torch.stack([forward_images(backbone, episode.support_images[t], settings, augment) for t in range(T)])
+        query = torch.stack([forward_images(backbone, episode.query_images[t], settings, augment) for t in range(T)])
     return support, query
 
 
