@@ -38,7 +38,7 @@ def main() -> None:
         config.data = replace(config.data, root=args.data_root)
     device = resolve_device(config.device)
     split = load_split(config.data.root, config.data.name, args.split)
-    compute = dict(amp=config.amp, channels_last=config.channels_last, shift_views=0 if args.split == "val" else config.model.shift_views)
+    compute = dict(amp=config.amp, channels_last=config.channels_last, shift_views=0 if args.split == "val" else config.views.shift_pixels)
     meta = replace(load_run_model(args.run_dir, config), **compute).to(device)  # validation as meta-training scored it: no shifts
     start = replace(load_start_model(args.run_dir, config), **compute).to(device)
     theta_weight, theta_bias = meta.learner.theta_weight, meta.learner.theta_bias

@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("run_a", type=Path)
     parser.add_argument("run_b", type=Path)
     parser.add_argument("--dataset", help="compare their cross-domain results on this dataset (results-NAME.json)")
-    parser.add_argument("--shift-a", type=int, help="A's rows scored with these test-time shifts (model.shift_views) only")
+    parser.add_argument("--shift-a", type=int, help="A's rows scored with these test-time shifts (views.shift_pixels) only")
     parser.add_argument("--shift-b", type=int, help="B's rows scored with these test-time shifts only")
     args = parser.parse_args()
     if (args.shift_a is None) != (args.shift_b is None):

@@ -206,7 +206,7 @@ def meta_train_step(name: str, config: Config, settings: Settings, device: torch
     backbone = new_backbone(name, config, settings, device)
     for parameter in backbone.parameters():
         parameter.requires_grad_(False)
-    apply_scale_shift(backbone, mode=config.model.ss_mode, include_shortcuts=config.model.ss_shortcuts)
+    apply_scale_shift(backbone, mode=config.model.ss_mode)
     backbone.eval()
     trainable = scale_shift_parameters(backbone)
     learner = BaseLearner.from_config(config.base_learner).with_theta(
@@ -228,7 +228,7 @@ def meta_train_step(name: str, config: Config, settings: Settings, device: torch
 def features_step(name: str, config: Config, settings: Settings, device: torch.device) -> Step:
     """One batch of meta-test's feature extraction: SS and BN folded, no gradient."""
     backbone = new_backbone(name, config, settings, device)
-    apply_scale_shift(backbone, mode=config.model.ss_mode, include_shortcuts=config.model.ss_shortcuts)
+    apply_scale_shift(backbone, mode=config.model.ss_mode)
     plain = inference_copy(backbone).to(memory_format=torch.channels_last)
     size = settings.image_size
     images = np.random.default_rng(0).integers(0, 256, (settings.feature_batch, size, size, 3), dtype=np.uint8)

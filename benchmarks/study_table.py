@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from metatransfer.config import migrate
+
 
 def read_run(run_dir: Path) -> dict:
     """One run's validation curve summary and test results; raises if the run is unfinished."""
@@ -34,9 +36,9 @@ def read_run(run_dir: Path) -> dict:
     start_time = max((r["time"] for r in records if r["phase"] == "pretrain"), default=val[0]["time"])
     results = json.loads((run_dir / "results.json").read_text())
     config_path = run_dir / "config.yaml"
-    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
-    flip_average = config.get("model", {}).get("flip_average", False)
-    shift_views = config.get("model", {}).get("shift_views", 0)
+    config = migrate(yaml.safe_load(config_path.read_text()), str(config_path)) if config_path.is_file() else {}
+    flip_average = config.get("views", {}).get("flip", False)
+    shift_views = config.get("views", {}).get("shift_pixels", 0)
     extra_shots = sorted({int(m.group(1)) for r in val for key in r if (m := re.fullmatch(r"accuracy_(\d+)shot", key))})
     val_by_shot = {}  # meta_train.val_shots: each further shot's start, best and the iteration its checkpoint kept
     for shot in extra_shots:

@@ -50,7 +50,7 @@ def test_a_split_scored_later_keeps_its_own_episodes_and_pairs_only_with_that_sp
 
 
 def test_one_run_scored_with_and_without_test_time_shifts_pairs_with_itself(tmp_path: Path) -> None:
-    """`mtl meta-test --resume RUN model.shift_views=2` keeps the unshifted rows: --shift-a 2 --shift-b 0 pairs them."""
+    """`mtl meta-test --resume RUN views.shift_pixels=2` keeps the unshifted rows: --shift-a 2 --shift-b 0 pairs them."""
     run = _fake_run(tmp_path / "a", model=[0.5, 0.6], start=[0.4, 0.4], flip=True)
     _fake_run(tmp_path / "a", model=[0.53, 0.63], start=[0.42, 0.42], flip=True, shift_views=2)
     assert sorted(p.name for p in (run / "meta_test").iterdir()) == ["episodes-5way-1shot-standard-flip-shift2.json",

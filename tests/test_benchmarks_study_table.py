@@ -63,7 +63,7 @@ def test_further_validated_shots_get_their_own_start_and_best_columns(tmp_path: 
 def test_a_later_rescoring_with_the_test_time_flip_does_not_replace_the_runs_own_scores(tmp_path: Path) -> None:
     run_dir = _fake_run(tmp_path / "cosine", [35.0, 36.0], gain=0.5)
     results = json.loads((run_dir / "results.json").read_text())
-    rescored = [{**r, "accuracy": 99.0, "gain": 9.0, "flip_average": True} for r in results]  # `mtl meta-test --resume RUN model.flip_average=true`
+    rescored = [{**r, "accuracy": 99.0, "gain": 9.0, "flip_average": True} for r in results]  # `mtl meta-test --resume RUN views.flip=true`
     (run_dir / "results.json").write_text(json.dumps(results + rescored))
     assert {shot: r["gain"] for shot, r in study_table.read_run(run_dir)["test"].items()} == {1: 0.5, 5: 0.5}
     (run_dir / "config.yaml").write_text("model:\n  flip_average: true\n")  # a run that scores itself with the flip
@@ -73,7 +73,7 @@ def test_a_later_rescoring_with_the_test_time_flip_does_not_replace_the_runs_own
 def test_a_later_rescoring_with_test_time_shifts_does_not_replace_the_runs_own_scores(tmp_path: Path) -> None:
     run_dir = _fake_run(tmp_path / "cosine", [35.0, 36.0], gain=0.5)
     results = json.loads((run_dir / "results.json").read_text())
-    rescored = [{**r, "gain": 7.0, "shift_views": 2} for r in results]  # `mtl meta-test --resume RUN model.shift_views=2`
+    rescored = [{**r, "gain": 7.0, "shift_views": 2} for r in results]  # `mtl meta-test --resume RUN views.shift_pixels=2`
     (run_dir / "results.json").write_text(json.dumps(results + rescored))
     assert {shot: r["gain"] for shot, r in study_table.read_run(run_dir)["test"].items()} == {1: 0.5, 5: 0.5}
     (run_dir / "config.yaml").write_text("model:\n  shift_views: 2\n")  # a run that scores itself with the shifts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from metatransfer.config import (
     Config,
@@ -24,7 +25,7 @@ def test_list_presets_names_the_shipped_files():
 def test_every_shipped_preset_loads_and_differs_from_defaults(preset):
     config = load_config(preset)
     # No shipped preset combines settings that do not work together (transfer-cpu is used with --init-from).
-    check_config(load_config(preset, ["model.init_from=RUN"] if config.pretrain.epochs == 0 else []))
+    check_config(load_config(preset, ["transfer.source=RUN"] if config.pretrain.epochs == 0 else []))
     assert isinstance(config, Config)
     assert config_to_dict(config) != config_to_dict(Config())
 
@@ -179,18 +180,17 @@ def test_absurd_learning_rates_are_refused(override):
     (["pretrain.epochs=0"], "only makes sense with --init-from"),
     (["meta_train.init_checkpoint=epoch-3"], "epoch-N with N in pretrain.save_epochs"),
     (["model.adapt=ft", "model.ss_bn_affine=true"], "with model.adapt=ft there is none"),
-    (["model.adapt=ft", "meta_train.ss_l2=0.1"], "with model.adapt=ft there is none"),
     (["base_learner.learn_temperature=true"], "scales cosine logits only"),
     (["pretrain.distill_weight=1.5"], r"distill_weight=1.5 must lie in \[0, 1\]"),
     (["pretrain.distill_temperature=0"], "distill_temperature=0.0 .*be positive"),
     (["pretrain.rotation_weight=-1"], "rotation_weight=-1.0 must be 0"),
-    (["model.shift_views=-2"], "model.shift_views=-2 is a number of pixels"),
+    (["views.shift_pixels=-2"], "views.shift_pixels=-2 is a number of pixels"),
     (["model.drop_block_rate=0.1"], "drop_block_rate=0.1 is a ResNet-12 option; model.backbone='conv4'"),
     (["model.backbone=resnet12", "model.drop_block_rate=1.0"], r"drop_block_rate=1.0 must lie in \[0, 1\)"),
     (["model.backbone=resnet12", "model.drop_block_size=0"], "drop_block_size=0 be at least 1"),
     (["pretrain.generations=0"], "generations=0 must be at least 1"),
     (["pretrain.generations=2", "pretrain.distill_from=/some/run"], "only without pretrain.distill_from"),
-    (["pretrain.generations=2", "pretrain.epochs=0", "model.init_from=/some/run"], "with pretrain.epochs > 0"),
+    (["pretrain.generations=2", "pretrain.epochs=0", "transfer.source=/some/run"], "with pretrain.epochs > 0"),
     (["base_learner.ensemble=e3bm", "base_learner.steps=0"], "with base_learner.steps=0 there are none"),
     (["base_learner.ensemble_init=equal"], "needs base_learner.ensemble=e3bm"),
 ])
@@ -216,7 +216,7 @@ def test_the_cli_checks_combinations_before_writing_the_run_dir(tmp_path, capsys
     "meta_train.val_every=0", "meta_train.lr_decay_every=0", "pretrain.val_every=0", "checkpoint_every=0",
     "meta_train.iterations=0", "pretrain.epochs=-1", "pretrain.batch_size=0", "pretrain.lr_step=0",
     "meta_train.n_way=1", "meta_train.n_shot=0", "meta_train.n_query=0", "meta_train.n_tasks=0",
-    "meta_train.val_episodes=0", "pretrain.val_episodes=0", "pretrain.val_shot=0", "pretrain.save_epochs=4,0",
+    "meta_train.val_episodes=0", "pretrain.val_episodes=0", "pretrain.save_epochs=4,0",
     "base_learner.steps=-1", "meta_train.hard_tasks.hard_iterations=-1", "meta_test.episodes=0",
     "meta_test.n_way=5,1", "meta_test.n_shot=0", "meta_test.n_query=0", "model.width=0", "model.drop_rate=1",
     "meta_train.lr_gamma=0", "base_learner.temperature=0", "data.crop_padding=-1", "pretrain.weight_decay=-1e-4",
@@ -240,3 +240,88 @@ def test_the_cli_refuses_an_interval_of_0_naming_the_key_before_writing_anything
 def test_the_smallest_valid_sizes_load():
     load_config("smoke", ["pretrain.epochs=0", "base_learner.steps=0", "meta_train.iterations=1", "meta_train.n_way=2",
                           "meta_train.hard_tasks.hard_iterations=0", "data.crop_padding=0", "model.drop_rate=0"])
+
+
+# renamed and removed settings ---------------------------------------------------------------------
+
+def _old_run_config(tmp_path, **changes):
+    """A run directory whose config.yaml was written before the test-time views and the transfer
+    source had sections of their own, with the removed settings at their old defaults."""
+    from metatransfer.config import REMOVED, config_to_dict
+
+    values = config_to_dict(load_config("fc100-cpu"))
+    views, transfer = values.pop("views"), values.pop("transfer")
+    values["model"].update(flip_average=views["flip"], shift_views=views["shift_pixels"], init_from=transfer["source"],
+                           init_sha256=transfer["sha256"], init_normalisation=transfer["normalisation"])
+    for dotted, default in {**REMOVED, **changes}.items():
+        *sections, key = dotted.split(".")
+        node = values
+        for section in sections:
+            node = node[section]
+        node[key] = default
+    run = tmp_path / "old-run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    return run
+
+
+def test_an_old_run_config_loads_with_renamed_keys_under_their_new_names(tmp_path):
+    from metatransfer.experiment import experiment_config
+    from metatransfer.run import read_run_config
+
+    config = read_run_config(_old_run_config(tmp_path))
+    assert (config.views.flip, config.views.shift_pixels, config.transfer.normalisation) == (True, 2, "dataset")
+    assert config == load_config("fc100-cpu")
+    # as `mtl run --resume` and `mtl meta-test --resume RUN views.shift_pixels=0` read it
+    assert experiment_config(None, [], resume=tmp_path / "old-run") == config
+    rescored = experiment_config(None, ["views.shift_pixels=0"], resume=tmp_path / "old-run", phases=("meta-test",))
+    assert rescored.views.shift_pixels == 0
+
+
+def test_every_renamed_key_has_a_new_home_and_every_removed_key_is_gone():
+    from metatransfer.config import REMOVED, RENAMED, _field_type
+
+    assert all(_field_type(new) is not None and _field_type(old) is None for old, new in RENAMED.items())
+    assert all(_field_type(old) is None for old in REMOVED)
+
+
+@pytest.mark.parametrize("key, value", [("meta_train.ss_l2", 0.1), ("model.ss_shortcuts", True),
+                                        ("meta_train.hard_tasks.fresh_images", False), ("base_learner.prototype_scale", 3.0)])
+def test_an_old_run_that_used_a_removed_option_is_refused_naming_it(tmp_path, key, value):
+    from metatransfer.run import read_run_config
+
+    with pytest.raises(ValueError, match=rf"sets {key}={value!r}, an option that has been removed.*that run used a removed option"):
+        read_run_config(_old_run_config(tmp_path, **{key: value}))
+
+
+def test_a_preset_file_with_old_names_loads_and_one_with_both_names_is_refused(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("model: {backbone: conv4, flip_average: true, shift_views: 1}\nmeta_train: {ss_l2: 0.0}\n")
+    assert load_config(str(old)).views == load_config(None, ["views.flip=true", "views.shift_pixels=1"]).views
+    both = tmp_path / "both.yaml"
+    both.write_text("model: {flip_average: true}\nviews: {flip: false}\n")
+    with pytest.raises(ValueError, match="sets both model.flip_average and views.flip"):
+        load_config(str(both))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.flip_average=true", "Config key model.flip_average is now views.flip"),
+    ("model.shift_views=2", "Config key model.shift_views is now views.shift_pixels"),
+    ("model.init_from=runs/x", "Config key model.init_from is now transfer.source"),
+    ("meta_train.ss_l2=0", "Config key meta_train.ss_l2 has been removed"),
+])
+def test_an_override_with_an_old_name_is_refused_naming_the_new_key(override, message):
+    with pytest.raises(ValueError, match=f"^{message}"):
+        load_config("smoke", [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("meta_train.hard_tasks.min_classes=8", "Config key meta_train.hard_tasks.min_classes has been removed"),
+    ("model.shift_views=2", "Config key model.shift_views is now views.shift_pixels"),
+])
+def test_the_cli_refuses_a_renamed_or_removed_key_with_exit_2_before_writing_anything(override, message, tmp_path, capsys):
+    from metatransfer.cli import main
+
+    assert main(["run", "--preset", "smoke", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "run"), override]) == 2
+    assert capsys.readouterr().err.startswith(f"mtl: error: {message}")
+    assert list(tmp_path.iterdir()) == []

@@ -243,7 +243,7 @@ class Walk:
             return config
         init_from = getattr(args, "init_from", None)
         overrides = [*([f"data.root={args.data_root}"] if args.data_root else []), *args.overrides,
-                     *([f"model.init_from={init_from}"] if init_from else [])]
+                     *([f"transfer.source={init_from}"] if init_from else [])]
         config = load_config(args.preset, overrides)
         check_config(config)
         if args.command != "config":
@@ -341,7 +341,7 @@ def _run_the_python_section(cwd: Path) -> None:
     assert main(["run", "--preset", "omniglot-cpu", "--init-from", str(run_dir), "--data-root", "data", "--out", "runs/from-python",
                  "pretrain.epochs=0", "meta_train.iterations=1", "meta_train.val_episodes=4", "meta_test.episodes=4"]) == 0
     config = yaml.safe_load((cwd / "runs" / "from-python" / "config.yaml").read_text())
-    assert config["model"]["init_from"] == str(run_dir.resolve())
+    assert config["transfer"]["source"] == str(run_dir.resolve())
 
 
 def test_the_readme_layout_names_every_module():

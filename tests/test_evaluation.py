@@ -64,7 +64,7 @@ def test_only_the_used_images_are_extracted_and_accuracies_equal_those_of_the_wh
 
 @pytest.mark.parametrize("bn_mode", ["frozen", "batch"])
 def test_flip_average_scores_a_mirrored_split_as_the_split(fc100_small, bn_mode):
-    """model.flip_average: each feature is the mean over the image and its mirror, so mirroring every
+    """views.flip: each feature is the mean over the image and its mirror, so mirroring every
     image changes no score; without it, mirroring does change the features."""
     root, name = fc100_small
     split = load_split(root, name, "test")
@@ -88,7 +88,7 @@ def test_flip_average_scores_a_mirrored_split_as_the_split(fc100_small, bn_mode)
 
 @pytest.mark.parametrize("bn_mode", ["frozen", "batch"])
 def test_shift_views_average_the_grid_of_shifted_copies_and_validation_can_leave_them_out(fc100_small, bn_mode):
-    """model.shift_views=s: each feature is the mean over the image moved to the 3x3 grid of -s, 0, s
+    """views.shift_pixels=s: each feature is the mean over the image moved to the 3x3 grid of -s, 0, s
     pixels (zero-padded), extracted in smaller batches; a row says which s scored it."""
     root, name = fc100_small
     split = load_split(root, name, "test")

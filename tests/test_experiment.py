@@ -87,4 +87,4 @@ def test_a_run_made_by_the_api_is_a_run_the_cli_and_the_classifier_read(fc100_sm
         run_experiment("smoke", out, data_root=fc100_small[0], overrides=[*_smoke(fc100_small)["overrides"], "seed=5"])
     # --init-from takes it: experiment_config reads the source and records its checksum
     config = experiment_config("smoke", ["pretrain.epochs=0"], init_from=out)
-    assert config.model.init_from == str(out.resolve()) and len(config.model.init_sha256) == 64
+    assert config.transfer.source == str(out.resolve()) and len(config.transfer.sha256) == 64

@@ -45,7 +45,7 @@ def test_folding_the_meta_trained_ss_keeps_the_features(smoke_run):  # noqa: F81
     tensors, meta = load_checkpoint(smoke_run / "meta_train" / "last")  # best may be the untrained iteration 0
     assert any((t - 1).abs().max() > 0 for k, t in tensors.items() if k.endswith(".scale"))  # SS really learned
     backbone = build_backbone(config, 3)
-    apply_scale_shift(backbone, mode=meta["ss_mode"], include_shortcuts=meta["ss_shortcuts"])
+    apply_scale_shift(backbone, mode=meta["ss_mode"], include_shortcuts=meta.get("ss_shortcuts", False))
     backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")})
     backbone.eval()
     generator = torch.Generator().manual_seed(3)
@@ -97,8 +97,8 @@ def test_bundle_is_self_contained_and_documented(bundles, smoke_run, tmp_path): 
     bundle = json.loads((moved / BUNDLE_FILE).read_text())
     assert bundle["preprocessing"]["image_size"] == 32 and bundle["preprocessing"]["invert"] is False
     assert len(bundle["preprocessing"]["mean"]) == 3 and bundle["backbone"]["name"] == "conv4"
-    assert bundle["base_learner"] == {"steps": 5, "lr": 0.01, "fc_init": "theta", "prototype_centre": False, "prototype_normalise": False,
-                                      "prototype_scale": 1.0, "logits": "linear", "feature_centre": False, "ensemble": "none",
+    assert bundle["base_learner"] == {"steps": 5, "lr": 0.01, "fc_init": "theta", "prototype_normalise": False,
+                                      "logits": "linear", "feature_centre": False, "ensemble": "none",
                                       "ensemble_init": "last"}
     card = (moved / "MODEL_CARD.md").read_text()
     result = json.loads((smoke_run / "results.json").read_text())[0]
@@ -230,8 +230,8 @@ def _with_setting(smoke_run: Path, tmp_path: Path, fc100_folders, line: str, cha
 
 
 def test_a_test_time_flip_model_carries_it_into_its_bundle(smoke_run, fc100_folders, tmp_path):  # noqa: F811
-    """model.flip_average reaches `mtl predict`, the API and the bundle: mirrored queries get the same probabilities."""
-    run, bundle = _with_setting(smoke_run, tmp_path, fc100_folders, "flip_average: false", "flip_average: true")
+    """views.flip reaches `mtl predict`, the API and the bundle: mirrored queries get the same probabilities."""
+    run, bundle = _with_setting(smoke_run, tmp_path, fc100_folders, "  flip: false", "  flip: true")
     assert json.loads((bundle / BUNDLE_FILE).read_text())["flip_average"] is True
     assert "flip_average=True" in repr(FewShotClassifier.from_export(bundle))
     assert "mean of its own and its mirror image's" in (bundle / "MODEL_CARD.md").read_text()
@@ -247,10 +247,10 @@ def test_a_test_time_flip_model_carries_it_into_its_bundle(smoke_run, fc100_fold
 
 
 def test_a_test_time_shift_model_carries_it_into_its_bundle(smoke_run, fc100_folders, tmp_path):  # noqa: F811
-    """model.shift_views reaches `mtl predict`, the API and the bundle, which all predict alike."""
-    run, bundle = _with_setting(smoke_run, tmp_path, fc100_folders, "shift_views: 0", "shift_views: 2")
+    """views.shift_pixels reaches `mtl predict`, the API and the bundle, which all predict alike."""
+    run, bundle = _with_setting(smoke_run, tmp_path, fc100_folders, "shift_pixels: 0", "shift_pixels: 2")
     assert json.loads((bundle / BUNDLE_FILE).read_text())["shift_views"] == 2
     assert "shift_views=2" in repr(FewShotClassifier.from_export(bundle))
     assert "shifted by 2 pixels" in (bundle / "MODEL_CARD.md").read_text()
-    with pytest.raises(ValueError, match="model.shift_views=-1 is a number of pixels"):
+    with pytest.raises(ValueError, match="views.shift_pixels=-1 is a number of pixels"):
         dataclasses.replace(load_run_model(run), shift_views=-1)

@@ -46,19 +46,19 @@ def test_a_path_that_is_neither_run_nor_bundle_is_refused(tmp_path):
 
 
 def test_another_architecture_is_refused_with_the_fix(smoke_run):  # noqa: F811
-    config = load_config("smoke", [f"model.init_from={smoke_run}", "model.width=0.5"])
+    config = load_config("smoke", [f"transfer.source={smoke_run}", "model.width=0.5"])
     with pytest.raises(ValueError, match=r"conv4 x0.25 .* but this run's model is conv4 x0.5; set model.backbone=conv4 model.width=0.25"):
         resolve_init(config)
 
 
 def test_source_normalisation_records_the_source_statistics(smoke_run, prepared_omniglot):  # noqa: F811
     root, name = prepared_omniglot
-    config = resolve_init(load_config("smoke", [f"model.init_from={smoke_run}", "model.init_normalisation=source",
+    config = resolve_init(load_config("smoke", [f"transfer.source={smoke_run}", "transfer.normalisation=source",
                                                 f"data.root={root}", f"data.name={name}"]))
     source = yaml.safe_load((smoke_run / "config.yaml").read_text())["data"]
     manifest = json.loads((Path(source["root"]) / source["name"] / "manifest.json").read_text())
     assert config.data.mean == pytest.approx([sum(manifest["mean"]) / 3])  # RGB statistics, averaged for grey data
-    assert len(config.model.init_sha256) == 64
+    assert len(config.transfer.sha256) == 64
 
 
 def test_cli_errors_name_the_problem_and_write_nothing(tmp_path, capsys, smoke_run):  # noqa: F811
@@ -80,7 +80,7 @@ def test_run_from_an_fc100_run_on_omniglot_records_its_start_and_gain(tmp_path, 
                  f"data.name={name}", "pretrain.epochs=0", "device=cpu"]) == 0
     provenance = json.loads((out / "init_from.json").read_text())
     assert provenance["source_in_chans"] == 3 and provenance["in_chans"] == 1 and "repeated" in provenance["channel_conversion"]
-    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["init_sha256"] == provenance["sha256"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["transfer"]["sha256"] == provenance["sha256"]
     source, _ = load_checkpoint(smoke_run / "pretrain" / "best")
     start, meta = load_checkpoint(out / "pretrain" / "best")
     assert meta["epoch"] == 0 and meta["init_from"] == str(smoke_run.resolve()) and meta["in_chans"] == 1
@@ -161,7 +161,7 @@ def test_every_conv_that_reads_the_image_is_adapted_resnet12_shortcut_too(tmp_pa
     save_checkpoint(run / "pretrain" / "best", {f"backbone.{k}": v for k, v in source.state_dict().items()},
                     {"backbone": "resnet12", "width": 0.125, "in_chans": 3, "out_features": source.out_features, "dataset": "fc100"})
     grey = create_backbone("resnet12", in_chans=1, width=0.125)
-    provenance = load_init_backbone(load_config("smoke", ["model.backbone=resnet12", "model.width=0.125", f"model.init_from={run}"]),
+    provenance = load_init_backbone(load_config("smoke", ["model.backbone=resnet12", "model.width=0.125", f"transfer.source={run}"]),
                                     grey, 1, (0.3,))
     assert provenance["in_chans"] == 1
     image = torch.randn(2, 1, 16, 16)

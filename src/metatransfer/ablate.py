@@ -53,7 +53,7 @@ def _row_config(base: Config, adapt: str, hard: bool, shot: int, seed: int) -> C
     ss = adapt == "ss"  # FT rows drop the settings that only act on scaling-shifting
     config.model = replace(base.model, adapt=adapt, ss_bn_affine=base.model.ss_bn_affine and ss)
     config.meta_train = replace(base.meta_train, n_shot=shot, first_order=base.meta_train.first_order or not ss,
-                                ss_l2=base.meta_train.ss_l2 if ss else 0.0, val_shots=[],  # each row trains and tests one shot
+                                val_shots=[],  # each row trains and tests one shot
                                 hard_tasks=replace(base.meta_train.hard_tasks, enabled=hard))
     config.meta_test = replace(base.meta_test, n_shot=[shot])
     return config
@@ -127,8 +127,8 @@ def collect_records(out: Path) -> list[dict[str, Any]]:
         if slug not in by_slug:
             continue
         shot, seed = int(rest[0].removesuffix("shot")), int(rest[1].removeprefix("seed"))
-        model = read_run_config(run_dir).model
-        own = (model.flip_average, model.shift_views)  # as the run scored itself, not a later rescoring
+        views = read_run_config(run_dir).views
+        own = (views.flip, views.shift_pixels)  # as the run scored itself, not a later rescoring
         for result in json.loads(results_path.read_text()):
             if result["shot"] == shot and result["way"] == 5 and (result.get("flip_average", False), result.get("shift_views", 0)) == own:
                 records.append(_record({"checkpoint": "best", **result}, by_slug[slug], shot, seed, run_dir))

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from metatransfer.config import check_shift_views
+from metatransfer.config import check_shift_pixels
 from metatransfer.data._decode import RESAMPLE
 from metatransfer.loading import BUNDLE_FILE, load_bundle_model, load_run_model
 from metatransfer.model import FewShotModel, Preprocessing
@@ -148,7 +148,7 @@ class FewShotClassifier:
 
     @property
     def flip_average(self) -> bool:
-        """Each image's feature is the mean of its own and its mirror image's (the run's `model.flip_average`)."""
+        """Each image's feature is the mean of its own and its mirror image's (the run's `views.flip`)."""
         return self.model.flip_average
 
     @flip_average.setter
@@ -157,12 +157,12 @@ class FewShotClassifier:
 
     @property
     def shift_views(self) -> int:
-        """Features also averaged over copies shifted by this many pixels (the run's `model.shift_views`); 0 = off."""
+        """Features also averaged over copies shifted by this many pixels (the run's `views.shift_pixels`); 0 = off."""
         return self.model.shift_views
 
     @shift_views.setter
     def shift_views(self, value: int) -> None:
-        self.model.shift_views = check_shift_views(int(value))
+        self.model.shift_views = check_shift_pixels(int(value))
 
     # --- constructors --------------------------------------------------------------------------
 

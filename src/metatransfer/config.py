@@ -3,6 +3,13 @@
 A run is described by one `Config`. Presets (`presets/<name>.yaml`, or any YAML path) hold only the
 values that differ from the defaults below; `section.key=value` overrides come last. Unknown keys
 and values of the wrong type fail loudly, so a typo never silently trains the wrong model.
+
+Each section means one thing: `data` (what is read and how it is augmented), `model` (the
+architecture and what meta-transfer adapts), `views` (test-time views), `transfer` (where an
+`--init-from` backbone comes from), `pretrain`, `base_learner`, `meta_train`, `meta_test`.
+A setting stays only if a shipped preset uses it or docs/results.md states its measured effect.
+Settings that moved or went are listed in `RENAMED` and `REMOVED`, so a config.yaml written
+before still loads (see `migrate`); overrides must use the current names.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ __all__ = [
     "Config",
     "DataConfig",
     "ModelConfig",
+    "ViewsConfig",
+    "TransferConfig",
     "PretrainConfig",
     "BaseLearnerConfig",
     "MetaTrainConfig",
@@ -28,8 +37,10 @@ __all__ = [
     "MetaTestConfig",
     "list_presets",
     "load_config",
-    "check_config", "check_shift_views",
+    "check_config", "check_shift_pixels",
+    "RENAMED", "REMOVED",
     "config_from_dict",
+    "migrate",
     "config_to_dict",
 ]
 
@@ -43,7 +54,7 @@ class DataConfig:
     color_jitter: float = 0.0  # strength of brightness/contrast/saturation jitter, 0 = off
     hflip: bool = True  # random horizontal flips (off for Omniglot: strokes have a direction)
     # Input normalisation (per channel, 0..1 scale); empty = the prepared train split's statistics.
-    # Filled in when a run starts with model.init_normalisation=source.
+    # Filled in when a run starts with transfer.normalisation=source.
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
 
@@ -57,24 +68,33 @@ class ModelConfig:
     drop_block_size: int = 2  # side of the dropped squares (RFS: 2 on 32x32 CIFAR, 5 on 84x84 miniImageNet)
     adapt: str = "ss"  # what meta-transfer learns in the backbone: ss (scale-shift) | ft (all convs)
     ss_mode: str = "kernel"  # scale per (out, in) kernel slice (paper's code) or per out "channel"
-    ss_shortcuts: bool = False  # also scale-shift the 1x1 shortcut convs (PyTorch port does)
     ss_bn_affine: bool = False  # also meta-learn BatchNorm's weight and bias with SS (the PyTorch port's setting)
     bn_mode: str = "frozen"  # frozen running statistics | batch (transductive, the TF code's way)
-    # Test-time flip: wherever an image is scored (validation, meta-test, predict, bundles), its
-    # feature is the mean of its own and its mirror image's; training steps see single images.
-    flip_average: bool = False
-    # Test-time shifts: with s > 0 the delivered model (meta-test, predict, the API, bundles) averages
-    # each image's feature over the 9 positions of the 3x3 grid of -s, 0, s pixels (the image and 8
-    # shifted copies), each mirrored too with flip_average (9 or 18 forwards an image); 0 = off.
-    # Validation during pre-training and meta-training leaves them out: it would multiply the cost of every check.
-    shift_views: int = 0
-    # Transfer (`--init-from`): a run directory (its pretrain/best) or an `mtl export` safetensors
-    # bundle whose backbone starts pre-training; "" = random init. See metatransfer/transfer.py.
-    init_from: str = ""
-    init_sha256: str = ""  # the source's checksum, recorded when the run starts
+
+
+@dataclass
+class ViewsConfig:
+    """Test-time views: wherever an image is scored, its feature is the mean of the features of
+    several views of it. Training steps see single images."""
+
+    # The image and its mirror image (validation, meta-test, predict, bundles).
+    flip: bool = False
+    # With s > 0 the delivered model (meta-test, predict, the API, bundles) also averages over the
+    # 3x3 grid of copies shifted by -s, 0, s pixels (9 views, each mirrored too with flip: 9 or 18
+    # forwards an image); 0 = off. Validation during pre-training and meta-training leaves them out:
+    # it would multiply the cost of every check.
+    shift_pixels: int = 0
+
+
+@dataclass
+class TransferConfig:
+    """Where the backbone that starts pre-training comes from (CLI `--init-from`); see metatransfer/transfer.py."""
+
+    source: str = ""  # a run directory (its pretrain/best) or an `mtl export` safetensors bundle; "" = random init
+    sha256: str = ""  # the source's checksum, recorded when the run starts
     # dataset: the new data's own statistics (default: inputs standardised as the backbone saw its
     # own, and grey<->RGB conversion exact) | source: the statistics the backbone was trained with
-    init_normalisation: str = "dataset"
+    normalisation: str = "dataset"
 
 
 @dataclass
@@ -108,8 +128,7 @@ class PretrainConfig:
     # loss = CE + rotation_weight * rotation CE. 0 = off (plain pre-training, bit for bit). Twice the compute.
     rotation_weight: float = 0.0
     val_every: int = 1  # epochs between few-shot validations that pick the best checkpoint
-    val_episodes: int = 600
-    val_shot: int = 1  # 5-way val_shot episodes, a fresh FC fine-tuned on frozen features
+    val_episodes: int = 600  # 5-way 1-shot episodes, a fresh FC fine-tuned on frozen features
 
 
 @dataclass
@@ -122,9 +141,7 @@ class BaseLearnerConfig:
     # Where each task's FC starts: theta (MTL) | prototypes: its support class means (E3BM's
     # "feature" init), with theta added as a learned offset.
     fc_init: str = "theta"
-    prototype_centre: bool = False  # prototypes minus the task's mean prototype
     prototype_normalise: bool = False  # prototypes scaled to unit length
-    prototype_scale: float = 1.0  # prototypes times this
     logits: str = "linear"  # linear: w.f + b (MTL) | cosine: temperature * cos(f, w) + b (Meta-Baseline, E3BM)
     temperature: float = 10.0  # scale of cosine logits (Meta-Baseline starts at 10, E3BM uses 8)
     learn_temperature: bool = False  # meta-learn the temperature (at meta_train.lr_head)
@@ -145,8 +162,6 @@ class HardTaskConfig:
     normal_iterations: int = 10  # normal meta-batches whose failure classes form the pool
     hard_iterations: int = 5  # hard meta-batches re-sampled from the pool after them
     start: int = 10  # first meta-iteration at which HT may run (authors' code: after 10)
-    fresh_images: bool = True  # draw new images of the failure classes (papers: better)
-    min_classes: int = 0  # pool size needed for hard tasks; 0 = n_way (fewer: skip this cycle)
 
 
 @dataclass
@@ -174,7 +189,6 @@ class MetaTrainConfig:
     val_shots: list[int] = field(default_factory=list)
     classes: str = "all"  # base classes of the meta-training tasks: all | held_out (those pre-training left out)
     augment: bool = False  # apply the pre-training augmentation (data.augment, hflip, jitter) to episode images
-    ss_l2: float = 0.0  # weight of sum((scale - 1)^2) + sum(shift^2): a pull of SS back toward identity (not of model.ss_bn_affine's BN parameters)
     init_checkpoint: str = "best"  # the pre-trained backbone meta-training starts from: best | last | epoch-N (pretrain.save_epochs)
     hard_tasks: HardTaskConfig = field(default_factory=HardTaskConfig)
 
@@ -200,6 +214,8 @@ class Config:
     checkpoint_every: int = 200  # steps between resumable checkpoints inside a phase
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     base_learner: BaseLearnerConfig = field(default_factory=BaseLearnerConfig)
     meta_train: MetaTrainConfig = field(default_factory=MetaTrainConfig)
@@ -211,7 +227,7 @@ _CHOICES = {
     "model.adapt": ("ss", "ft"),
     "model.ss_mode": ("kernel", "channel"),
     "model.bn_mode": ("frozen", "batch"),
-    "model.init_normalisation": ("dataset", "source"),
+    "transfer.normalisation": ("dataset", "source"),
     "pretrain.schedule": ("cosine", "step"),
     "base_learner.init": ("kaiming", "xavier", "zeros"),
     "base_learner.fc_init": ("theta", "prototypes"),
@@ -237,7 +253,6 @@ _AT_LEAST: dict[str, int] = {
     "pretrain.save_epochs": 1,
     "pretrain.val_every": 1,
     "pretrain.val_episodes": 1,
-    "pretrain.val_shot": 1,
     "base_learner.steps": 0,  # 0: no fine-tuning on the support set (the FC's start scores the queries)
     "meta_train.iterations": 1,
     "meta_train.n_way": 2,
@@ -250,16 +265,89 @@ _AT_LEAST: dict[str, int] = {
     "meta_train.hard_tasks.normal_iterations": 0,
     "meta_train.hard_tasks.hard_iterations": 0,
     "meta_train.hard_tasks.start": 0,
-    "meta_train.hard_tasks.min_classes": 0,
     "meta_test.episodes": 1,
     "meta_test.n_way": 2,
     "meta_test.n_shot": 1,
     "meta_test.n_query": 1,
 }
 # Real-valued settings that must be positive, or lie in [0, 1).
-_POSITIVE = ("model.width", "pretrain.lr_gamma", "meta_train.lr_gamma", "base_learner.temperature", "base_learner.prototype_scale")
+_POSITIVE = ("model.width", "pretrain.lr_gamma", "meta_train.lr_gamma", "base_learner.temperature")
 _FRACTION = ("model.drop_rate", "pretrain.momentum", "pretrain.label_smoothing")
-_NOT_NEGATIVE = ("data.color_jitter", "pretrain.weight_decay", "meta_train.ss_l2")
+_NOT_NEGATIVE = ("data.color_jitter", "pretrain.weight_decay")
+
+
+# Settings that moved, old dotted key -> new. A config.yaml written before the move (a run to resume,
+# score or transfer from, or a preset file) reads the old name as the new one; an override on the
+# command line or in the API must use the new name, and the error says which it is.
+RENAMED: dict[str, str] = {
+    "model.flip_average": "views.flip",
+    "model.shift_views": "views.shift_pixels",
+    "model.init_from": "transfer.source",
+    "model.init_sha256": "transfer.sha256",
+    "model.init_normalisation": "transfer.normalisation",
+}
+
+# Settings that were removed (no preset used them and no measurement backed them), with the value
+# that left them off. A stored config may still hold one at that value, which changes nothing;
+# at any other value the run used an option this code no longer has, and reading it is an error.
+REMOVED: dict[str, Any] = {
+    "model.ss_shortcuts": False,  # scale-shifting of the 1x1 shortcut convs as well
+    "pretrain.val_shot": 1,  # shots of the pre-training validation episodes (always 1)
+    "base_learner.prototype_centre": False,  # prototypes minus the task's mean prototype
+    "base_learner.prototype_scale": 1.0,  # prototypes times a constant
+    "meta_train.ss_l2": 0.0,  # a pull of scaling-shifting back toward identity
+    "meta_train.hard_tasks.fresh_images": True,  # False: hard tasks reused the images that failed
+    "meta_train.hard_tasks.min_classes": 0,  # a hard-task pool larger than n_way
+}
+
+
+def _pop(values: dict[str, Any], dotted: str) -> tuple[bool, Any]:
+    """Remove a dotted key from nested dicts: (whether it was there, its value)."""
+    *sections, key = dotted.split(".")
+    node: Any = values
+    for section in sections:
+        node = node.get(section) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or key not in node:
+        return False, None
+    return True, node.pop(key)
+
+
+def migrate(values: dict[str, Any], source: str = "the config") -> dict[str, Any]:
+    """A stored config's nested values with renamed keys under their new names and removed keys,
+    at their old default, dropped; `values` itself is left as it was.
+
+    Raises:
+        ValueError: a removed key at another value (naming it and `source`), or a key given under
+            both its old and its new name.
+    """
+    values = copy.deepcopy(values)
+    for old, new in RENAMED.items():
+        found, value = _pop(values, old)
+        if not found:
+            continue
+        *sections, key = new.split(".")
+        node = values
+        for section in sections:
+            node = node.setdefault(section, {})
+        if key in node:
+            raise ValueError(f"{source} sets both {old} and {new}, its new name: keep {new} only.")
+        node[key] = value
+    for old, default in REMOVED.items():
+        found, value = _pop(values, old)
+        if found and (value != default or isinstance(value, bool) != isinstance(default, bool)):
+            raise ValueError(f"{source} sets {old}={value!r}, an option that has been removed (only its old default "
+                             f"{default!r} can be read): that run used a removed option, which this version cannot repeat.")
+    return values
+
+
+def _moved(dotted: str) -> str | None:
+    """Why a key is unknown, if it was renamed or removed."""
+    if dotted in RENAMED:
+        return f"Config key {dotted} is now {RENAMED[dotted]}: give {RENAMED[dotted]}=... instead."
+    if dotted in REMOVED:
+        return (f"Config key {dotted} has been removed (it was off by default, no preset used it and no measurement "
+                f"backed it); leave it out.")
+    return None
 
 
 def _check_range(dotted: str, value: Any) -> None:
@@ -293,7 +381,7 @@ def _read_preset(preset: str) -> dict[str, Any]:
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
         raise ValueError(f"Preset file {path} must hold a mapping of sections, not {type(values).__name__}.")
-    return values
+    return migrate(values, f"Preset file {path}")
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -328,6 +416,8 @@ def _apply(target: Any, values: dict[str, Any], prefix: str = "") -> None:
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if key not in hints:
+            if _moved(dotted):
+                raise ValueError(_moved(dotted))
             known = ", ".join(f"{prefix}{name}" for name in hints)
             raise ValueError(f"Unknown config key {dotted!r}. Known keys here: {known}.")
         current = getattr(target, key)
@@ -378,9 +468,11 @@ def _parse_override(text: str) -> dict[str, Any]:
     return tree
 
 
-def config_from_dict(values: dict[str, Any]) -> Config:
+def config_from_dict(values: dict[str, Any], source: str = "the config") -> Config:
+    """A `Config` from stored nested values (a run's config.yaml), renamed and removed keys migrated
+    (see `migrate`); `source` names where they came from in errors."""
     config = Config()
-    _apply(config, values)
+    _apply(config, migrate(values, source))
     return config
 
 
@@ -396,12 +488,12 @@ def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
     return config
 
 
-def check_shift_views(shift_views: int) -> int:
-    """model.shift_views, checked wherever it arrives (a run's config, a rescoring override, the API)."""
-    if shift_views < 0:
-        raise ValueError(f"model.shift_views={shift_views} is a number of pixels: 0 (off) or positive "
+def check_shift_pixels(shift_pixels: int) -> int:
+    """views.shift_pixels, checked wherever it arrives (a run's config, a rescoring override, the API)."""
+    if shift_pixels < 0:
+        raise ValueError(f"views.shift_pixels={shift_pixels} is a number of pixels: 0 (off) or positive "
                          "(2 on 32x32 images, at most data.crop_padding).")
-    return shift_views
+    return shift_pixels
 
 
 def check_config(config: Config) -> None:
@@ -418,9 +510,9 @@ def check_config(config: Config) -> None:
     if meta.val_seed == config.meta_test.seed:
         raise ValueError(f"meta_train.val_seed={meta.val_seed} equals meta_test.seed, whose validation episodes chose the "
                          "pre-training epoch; give meta-train validation its own seed.")
-    if config.model.adapt == "ft" and (config.model.ss_bn_affine or meta.ss_l2):
-        raise ValueError("model.ss_bn_affine and meta_train.ss_l2 act on scaling-shifting; with model.adapt=ft there is none: "
-                         "set model.adapt=ss, or leave them at false / 0.")
+    if config.model.adapt == "ft" and config.model.ss_bn_affine:
+        raise ValueError("model.ss_bn_affine acts on scaling-shifting; with model.adapt=ft there is none: "
+                         "set model.adapt=ss, or model.ss_bn_affine=false.")
     if learner.learn_temperature and learner.logits != "cosine":
         raise ValueError("base_learner.learn_temperature scales cosine logits only: set base_learner.logits=cosine, or learn_temperature=false.")
     if learner.ensemble == "e3bm" and learner.steps < 1:
@@ -431,8 +523,8 @@ def check_config(config: Config) -> None:
                          "base_learner.ensemble=e3bm.")
     if meta.classes == "held_out" and not config.pretrain.held_out_classes:
         raise ValueError("meta_train.classes=held_out needs pretrain.held_out_classes > 0 (the classes pre-training leaves out).")
-    if config.pretrain.epochs == 0 and not config.model.init_from:
-        raise ValueError("pretrain.epochs=0 keeps the initial backbone, which only makes sense with --init-from (model.init_from).")
+    if config.pretrain.epochs == 0 and not config.transfer.source:
+        raise ValueError("pretrain.epochs=0 keeps the initial backbone, which only makes sense with --init-from (transfer.source).")
     if config.pretrain.generations < 1 or (config.pretrain.generations > 1 and (config.pretrain.distill_from or config.pretrain.epochs == 0)):
         raise ValueError(f"pretrain.generations={config.pretrain.generations} must be at least 1, and above 1 only without "
                          "pretrain.distill_from (the generations teach each other) and with pretrain.epochs > 0.")
@@ -447,7 +539,7 @@ def check_config(config: Config) -> None:
                          f"model.drop_block_size={config.model.drop_block_size} be at least 1.")
     if config.pretrain.rotation_weight < 0:
         raise ValueError(f"pretrain.rotation_weight={config.pretrain.rotation_weight} must be 0 (off) or positive (Gidaris et al.: 1.0).")
-    check_shift_views(config.model.shift_views)
+    check_shift_pixels(config.views.shift_pixels)
     if any(shot < 1 for shot in meta.val_shots):
         raise ValueError(f"meta_train.val_shots={meta.val_shots}: shots are positive integers (for example 5, or 1,5).")
     name = meta.init_checkpoint

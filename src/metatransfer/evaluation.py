@@ -107,5 +107,5 @@ def validation_model(config: Any, backbone: nn.Module, learner: BaseLearner, spl
     state it is) with `learner`, the run's BN mode, test-time flip and compute settings, normalised
     as `split`; without the test-time shifts, which would multiply the cost of every check."""
     return FewShotModel(backbone, learner, Preprocessing.from_split(split.images, split.mean, split.std), bn_mode=config.model.bn_mode,
-                        flip_average=config.model.flip_average, shift_views=0, amp=config.amp, channels_last=config.channels_last,
+                        flip_average=config.views.flip, shift_views=0, amp=config.amp, channels_last=config.channels_last,
                         device=device)

@@ -17,13 +17,13 @@ import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from metatransfer.config import Config, apply_overrides, check_config, check_shift_views, load_config
+from metatransfer.config import Config, apply_overrides, check_config, check_shift_pixels, load_config
 
 __all__ = ["PHASES", "experiment_config", "run_experiment"]
 
 PHASES = ("pretrain", "meta-train", "meta-test")
 # What rescoring a finished run (`mtl meta-test --resume RUN ...`) may change: how its model is scored, never the model.
-_RESCORING = ("meta_test.", "model.flip_average=", "model.shift_views=")
+_RESCORING = ("meta_test.", "views.flip=", "views.shift_pixels=")
 
 
 def experiment_config(
@@ -43,10 +43,10 @@ def experiment_config(
         preset: a shipped preset name (`mtl presets`), a YAML file or a `Config`; None: the defaults.
         overrides: `section.key=value` texts, applied in order after the preset and `data_root`.
         data_root: where `mtl data prepare` wrote its caches (`data.root`).
-        init_from: a run directory or `mtl export` bundle whose backbone starts the run (`model.init_from`).
+        init_from: a run directory or `mtl export` bundle whose backbone starts the run (`transfer.source`).
         resume: a run directory to continue with the config saved there; then `preset`, `init_from`
             and `overrides` must be left out, except that a rescoring (`phases` == ["meta-test"])
-            takes meta_test.*, model.flip_average and model.shift_views overrides.
+            takes meta_test.*, views.flip and views.shift_pixels overrides.
         phases: the phases that will run (what a resumed run may be told to change depends on them).
         dataset: score a resumed run on another prepared dataset (cross-domain).
         split: with `dataset`, the split to score (default test).
@@ -70,15 +70,15 @@ def experiment_config(
         rescoring = tuple(phases) == ("meta-test",) and all(text.startswith(_RESCORING) for text in overrides)
         if preset is not None or init_from or (overrides and not rescoring):
             raise ValueError("--resume continues a run as it was configured; leave out --preset, --init-from and overrides "
-                             "(only `mtl meta-test --resume RUN` takes meta_test.*, model.flip_average and model.shift_views overrides).")
+                             "(only `mtl meta-test --resume RUN` takes meta_test.*, views.flip and views.shift_pixels overrides).")
         config = apply_overrides(read_run_config(Path(resume)), overrides)
-        check_shift_views(config.model.shift_views)  # the one model.* override a rescoring takes that can be out of range
+        check_shift_pixels(config.views.shift_pixels)  # the one model.* override a rescoring takes that can be out of range
         if split:
             config = apply_overrides(config, [f"meta_test.split={split}"])
         return config  # the init_from source is checked again only if pre-training still has to read it
     if split:
         raise ValueError("--split goes with `mtl meta-test --resume RUN --dataset NAME`.")
-    overrides = [*([f"data.root={data_root}"] if data_root else []), *overrides, *([f"model.init_from={init_from}"] if init_from else [])]
+    overrides = [*([f"data.root={data_root}"] if data_root else []), *overrides, *([f"transfer.source={init_from}"] if init_from else [])]
     config = apply_overrides(preset, overrides) if isinstance(preset, Config) else load_config(preset, overrides)
     check_config(config)
     return resolve_teacher(resolve_init(config))

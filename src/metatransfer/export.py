@@ -105,7 +105,7 @@ def _model_card(bundle: dict[str, Any], run_dir: Path) -> str:
         "",
         "## Backbone",
         f"- `{spec['name']}`, width x{spec['width']}, {spec['in_chans']} input channel(s), {spec['out_features']}-d features",
-        f"- meta-transfer: {source['adapt']}" + (f" (scale mode `{source['ss_mode']}`, shortcuts {source['ss_shortcuts']}), "
+        f"- meta-transfer: {source['adapt']}" + (f" (scale mode `{source['ss_mode']}`), "
                                                  "folded into the conv weights" if source["adapt"] == "ss" else ""),
         f"- file: `{bundle['backbone_file']}` ({bundle['format']}); input `images` float32 (batch, {prep['channels']}, "
         f"{prep['image_size']}, {prep['image_size']}) normalised as (pixel/255 - mean)/std; output (batch, {spec['out_features']})",
@@ -204,7 +204,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str, *, data_root:
             "bn_mode": model.bn_mode,
             "flip_average": model.flip_average,
             "shift_views": model.shift_views,
-            "source": {key: info[key] for key in ("run_dir", "checkpoint", "dataset", "dataset_protocol", "adapt", "ss_mode", "ss_shortcuts")},
+            "source": {key: info[key] for key in ("run_dir", "checkpoint", "dataset", "dataset_protocol", "adapt", "ss_mode")},
             "sha256": {name: sha256_file(tmp / name) for name in (FORMATS[fmt], HEAD_FILE)},
         }
         write_json(tmp / BUNDLE_FILE, bundle)

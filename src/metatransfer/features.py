@@ -49,8 +49,8 @@ class FeatureSettings:
         device: where the images go.
         amp: bf16 autocast (config `amp`; a no-op where the device has no native bf16).
         channels_last: the images in channels-last memory format (config `channels_last`).
-        flip_average: the mean with the mirror image's feature (`model.flip_average`).
-        shift_views: and with copies shifted by this many pixels (`model.shift_views`); 0 = off.
+        flip_average: the mean with the mirror image's feature (`views.flip`).
+        shift_views: and with copies shifted by this many pixels (`views.shift_pixels`); 0 = off.
     """
 
     mean: Sequence[float]

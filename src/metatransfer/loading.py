@@ -106,7 +106,7 @@ def load_pretrained_backbone(config: Config, run_dir: Path, in_chans: int) -> nn
 
 def _run_preprocessing(run_dir: Path, config: Config, root: Path) -> tuple[Preprocessing, dict[str, Any]]:
     """The run's input, from its prepared dataset's manifest, normalised with `data.mean`/`data.std`
-    where set (a transfer run with `model.init_normalisation=source`)."""
+    where set (a transfer run with `transfer.normalisation=source`)."""
     try:
         manifest = read_manifest(root, config.data.name)
     except FileNotFoundError:
@@ -126,9 +126,8 @@ def _run_model(config: Config, backbone: nn.Module, learner: BaseLearner, prepro
                info: dict[str, Any]) -> FewShotModel:
     """The run's parts as one model with the run's test-time views: on the CPU in eval mode, in float32
     (as a bundle is; meta-test opts into the run's `amp` and `channels_last`)."""
-    model = config.model
-    return FewShotModel(backbone.eval(), learner, preprocessing, bn_mode=model.bn_mode, flip_average=model.flip_average,
-                        shift_views=model.shift_views, info=info)
+    return FewShotModel(backbone.eval(), learner, preprocessing, bn_mode=config.model.bn_mode, flip_average=config.views.flip,
+                        shift_views=config.views.shift_pixels, info=info)
 
 
 def load_start_model(run_dir: Path, config: Config, *, data_root: str | Path | None = None) -> FewShotModel:
@@ -174,7 +173,7 @@ def load_run_model(run_dir: Path, config: Config | None = None, *, checkpoint: s
         expect = {"backbone": config.model.backbone, "width": config.model.width, "in_chans": preprocessing.channels, "adapt": config.model.adapt}
         tensors, meta = load_checkpoint(meta_stem, expect=expect)
         if meta["adapt"] == "ss":
-            apply_scale_shift(backbone, mode=meta["ss_mode"], include_shortcuts=meta["ss_shortcuts"])
+            apply_scale_shift(backbone, mode=meta["ss_mode"], include_shortcuts=meta.get("ss_shortcuts", False))
         backbone.load_state_dict(tensors_under(tensors, "backbone"))
         fold_scale_shift(backbone)
         model = _run_model(config, backbone, BaseLearner.from_config(config.base_learner, tensors), preprocessing,
@@ -198,7 +197,6 @@ def load_run_model(run_dir: Path, config: Config | None = None, *, checkpoint: s
         "out_features": model.backbone.out_features,
         "adapt": config.model.adapt if source.startswith("meta_train") else "none (pre-trained backbone only)",
         "ss_mode": config.model.ss_mode,
-        "ss_shortcuts": config.model.ss_shortcuts,
     }
     return model
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from metatransfer.config import check_shift_views
+from metatransfer.config import check_shift_pixels
 from metatransfer.data.episodes import TaskIndices, gather_episode
 from metatransfer.features import FeatureSettings, batch_statistics, extract_features, forward_images
 from metatransfer.models.head import BaseLearner
@@ -90,8 +90,8 @@ class FewShotModel:
         preprocessing: image size, channels and the mean/std that normalise inputs.
         bn_mode: "frozen" (running statistics) or "batch" (each forwarded set normalised by its own
             statistics, the transductive mode of the TF code).
-        flip_average: each feature is the mean of the image's and its mirror image's (`model.flip_average`).
-        shift_views: also averaged over copies shifted by this many pixels (`model.shift_views`); 0 = off.
+        flip_average: each feature is the mean of the image's and its mirror image's (`views.flip`).
+        shift_views: also averaged over copies shifted by this many pixels (`views.shift_pixels`); 0 = off.
         amp: bf16 autocast for the backbone (config `amp`; off for the API, whose features are float32).
         channels_last: the backbone runs in channels-last memory format (config `channels_last`).
         info: plain values describing the model (source, checkpoint, dataset, ...), for summaries.
@@ -110,7 +110,7 @@ class FewShotModel:
     head: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # the FC `fit` adapted
 
     def __post_init__(self) -> None:
-        check_shift_views(int(self.shift_views))
+        check_shift_pixels(int(self.shift_views))
 
     def to(self, device: torch.device) -> "FewShotModel":
         """Move the backbone (in channels-last format where set) and the base-learner to `device`; returns self."""

@@ -191,7 +191,7 @@ def prepare_run_dir(run_dir: Path, config: Config) -> None:
     resolved = config_to_dict(config)
     if path.is_file():
         # Through the Config again, so a run written before a setting existed reads it at its default.
-        existing = config_to_dict(config_from_dict(yaml.safe_load(path.read_text()) or {}))
+        existing = config_to_dict(config_from_dict(yaml.safe_load(path.read_text()) or {}, str(path)))
         if existing != resolved:
             changed = sorted(_diff_keys(existing, resolved))
             raise ValueError(
@@ -288,7 +288,7 @@ def read_run_config(run_dir: Path) -> Config:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.yaml.")
-    return config_from_dict(yaml.safe_load(path.read_text()))
+    return config_from_dict(yaml.safe_load(path.read_text()), str(path))
 
 
 class MetricsLog:

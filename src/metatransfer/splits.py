@@ -14,7 +14,7 @@ __all__ = ["load_run_split", "held_out_classes", "class_subset"]
 
 def load_run_split(config: Config, split: str) -> ImageSplit:
     """A split of the run's dataset, normalised as the run is: its `data.mean`/`data.std` where set
-    (a transfer run with `model.init_normalisation=source`), else the prepared train statistics."""
+    (a transfer run with `transfer.normalisation=source`), else the prepared train statistics."""
     images = load_split(config.data.root, config.data.name, split)
     if not images.images.shape[0]:
         raise ValueError(f"Dataset {config.data.name!r} has no {split} images (an evaluation-only dataset?); train on a dataset "

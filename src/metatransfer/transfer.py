@@ -2,7 +2,7 @@
 
 A user with a few dozen classes cannot pre-train a deep backbone well on their own images; MTL's
 point is to *transfer* one pre-trained on a large dataset (Sun et al., CVPR 2019, section 3). With
-`model.init_from` (CLI `--init-from PATH`) pre-training starts from the backbone of PATH: a run
+`transfer.source` (CLI `--init-from PATH`) pre-training starts from the backbone of PATH: a run
 directory (its `pretrain/best`) or a safetensors bundle written by `mtl export`. Pre-training then
 fine-tunes it on the new base classes for `pretrain.epochs` (0 keeps it as it is, with a new
 classifier only where needed), and meta-training learns the scaling-shifting on top.
@@ -13,7 +13,7 @@ which is exactly repeating the grey channel; RGB data meets a grey backbone thro
 new dataset's statistics. The run's backbone then takes the new data's channel count, so meta-test,
 predict and export need nothing special.
 
-Normalisation (`model.init_normalisation`): `dataset` (default) standardises the new images with
+Normalisation (`transfer.normalisation`): `dataset` (default) standardises the new images with
 their own statistics, so the first conv sees zero-mean, unit-variance inputs as it did in its own
 pre-training, and the channel conversion above is exact. `source` uses the statistics the backbone
 was trained with (recorded into `data.mean`/`data.std` when the run starts, so every phase, predict
@@ -83,7 +83,7 @@ def _run_source(path: Path) -> InitSource:
             manifest = read_manifest(config.data.root, config.data.name)
             mean, std = tuple(manifest["mean"]), tuple(manifest["std"])
         except (FileNotFoundError, ValueError):
-            pass  # only init_normalisation=source needs them; it says so then
+            pass  # only transfer.normalisation=source needs them; it says so then
     return InitSource(path=path, kind="run", backbone=meta["backbone"], width=float(meta["width"]), in_chans=int(meta["in_chans"]),
                       out_features=int(meta["out_features"]), sha256=meta["sha256"], mean=mean, std=std, dataset=meta.get("dataset", config.data.name))
 
@@ -141,29 +141,29 @@ def _converted_stats(source: InitSource, channels: int) -> tuple[list[float], li
 
 
 def resolve_init(config: Config) -> Config:
-    """Check `model.init_from` against the run's model and record the source's checksum (and, for
-    `init_normalisation=source`, its statistics in `data.mean`/`data.std`). Call before the run
+    """Check `transfer.source` against the run's model and record the source's checksum (and, for
+    `transfer.normalisation=source`, its statistics in `data.mean`/`data.std`). Call before the run
     directory is written: every problem is reported with nothing on disk.
 
     Raises:
         ValueError: not a run or bundle, another architecture, or a source that changed since the run's
             config recorded it.
     """
-    return _resolve(config)[0] if config.model.init_from else config
+    return _resolve(config)[0] if config.transfer.source else config
 
 
 def _resolve(config: Config) -> tuple[Config, InitSource]:
     """`resolve_init`'s work, also returning the source it read."""
-    source = read_init_source(config.model.init_from)
+    source = read_init_source(config.transfer.source)
     _check_architecture(config, source)
-    if config.model.init_sha256 and config.model.init_sha256 != source.sha256:
-        raise ValueError(f"--init-from {source.path} has changed since this run recorded it (sha256 {config.model.init_sha256[:12]}..., "
+    if config.transfer.sha256 and config.transfer.sha256 != source.sha256:
+        raise ValueError(f"--init-from {source.path} has changed since this run recorded it (sha256 {config.transfer.sha256[:12]}..., "
                          f"now {source.sha256[:12]}...); start a new run directory.")
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, init_from=str(source.path.resolve()), init_sha256=source.sha256))
-    if config.model.init_normalisation == "source" and not config.data.mean:
+    config = dataclasses.replace(config, transfer=dataclasses.replace(config.transfer, source=str(source.path.resolve()), sha256=source.sha256))
+    if config.transfer.normalisation == "source" and not config.data.mean:
         if source.mean is None:
             raise ValueError(f"--init-from {source.path}: its training statistics are unknown (its prepared dataset is missing); "
-                             "use model.init_normalisation=dataset or set data.mean and data.std.")
+                             "use transfer.normalisation=dataset or set data.mean and data.std.")
         mean, std = _converted_stats(source, _data_channels(config))
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, mean=mean, std=std))
     return config, source
@@ -200,7 +200,7 @@ def _source_tensors(source: InitSource) -> dict[str, torch.Tensor]:
 
 
 def load_init_backbone(config: Config, backbone: nn.Module, in_chans: int, std: tuple[float, ...]) -> dict[str, Any]:
-    """Load the `model.init_from` backbone into `backbone` (built for `in_chans`), adapting its first
+    """Load the `transfer.source` backbone into `backbone` (built for `in_chans`), adapting its first
     conv to the data's channels; returns the provenance the run records (path, checksum, conversion).
 
     Raises:
@@ -226,5 +226,5 @@ def load_init_backbone(config: Config, backbone: nn.Module, in_chans: int, std: 
         if in_chans == 1 else "RGB data, grey backbone: the convs that read the image spread over R, G, B with luma weights (= grey by ITU-R 601)")
     return {"path": str(source.path), "kind": source.kind, "sha256": source.sha256, "dataset": source.dataset,
             "source_in_chans": source.in_chans, "in_chans": in_chans, "channel_conversion": conversion,
-            "normalisation": config.model.init_normalisation}
+            "normalisation": config.transfer.normalisation}
 

@@ -2,7 +2,7 @@
 
 Wherever a trained model scores an image (validation, meta-test, `mtl predict`, bundles), its
 feature may be the mean of the features of several views of it: its mirror image
-(`model.flip_average`) and copies moved by -s, 0 and s pixels on a 3x3 grid (`model.shift_views`),
+(`views.flip`) and copies moved by -s, 0 and s pixels on a 3x3 grid (`views.shift_pixels`),
 zero-padded as the pre-training crop pads. The mean is blind to left-right orientation and a few
 pixels of position, and steadier on few images.
 """
@@ -19,7 +19,7 @@ __all__ = ["shift_offsets", "images_per_forward", "shifted", "embed"]
 
 def shift_offsets(shift_views: int) -> list[tuple[int, int]]:
     """(dx, dy) of the copies `embed` averages: the 3x3 grid of shifts by -s, 0 and s pixels, or the
-    image alone for s = 0 (model.shift_views)."""
+    image alone for s = 0 (views.shift_pixels)."""
     steps = (-shift_views, 0, shift_views) if shift_views else (0,)
     return [(dx, dy) for dy in steps for dx in steps]
 
@@ -43,7 +43,7 @@ def shifted(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
 def embed(backbone: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, flip_average: bool = False,
           shift_views: int = 0) -> torch.Tensor:
     """Normalised (B, C, H, W) images -> (B, D) float32 features. With `flip_average`
-    (model.flip_average) and/or `shift_views` (model.shift_views), the mean of the features of the
+    (views.flip) and/or `shift_views` (views.shift_pixels), the mean of the features of the
     image's views: its mirror image, and copies shifted as the pre-training crop shifts them. The
     mean is blind to left-right orientation and a few pixels of position, and steadier on few
     images. All views go through in one batch, so with batch-statistics BN they share one set of

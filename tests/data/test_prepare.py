@@ -367,7 +367,7 @@ def test_mini_csv_naming_a_missing_image(tiny_mini, tmp_path):
     victim = next((tiny_mini / "images").glob("*.jpg"))
     victim.unlink()
     with pytest.raises(
-        FileNotFoundError, match=f"names {victim.name} .*image folder is incomplete"
+        FileNotFoundError, match=f"names {victim.name} .*copy is incomplete"
     ):
         prepare_dataset("miniimagenet", tiny_mini, tmp_path / "cache", log=_quiet)
 
@@ -413,8 +413,9 @@ def test_mini_both_public_layouts_give_the_images_layout_arrays(tiny_mini, tmp_p
             assert np.array_equal(other.labels, reference.labels)
     manifests = [read_manifest(tmp_path / root, "miniimagenet") for root in "abc"]
     # One digest names the pixels whatever the layout, and an unknown copy says so.
-    assert len({m["source"]["sha256"] for m in manifests}) == 1
-    assert len(manifests[0]["source"]["sha256"]) == 64
+    assert len({m["source"]["content_digest"] for m in manifests}) == 1
+    assert len(manifests[0]["source"]["content_digest"]) == 64
+    assert all(m["source"]["sha256"] is None for m in manifests)  # a folder has no archive checksum
     assert "checked against the CSVs" in manifests[1]["protocol"]
     assert "class split rebuilt from the CSVs" in manifests[2]["protocol"]
     assert all("unknown origin" in m["protocol"] for m in manifests)
@@ -426,7 +427,7 @@ def test_mini_copies_with_other_pixels_under_the_same_names_differ(tiny_mini, tm
     victim = next((standard / "test").rglob("*.jpg"))
     Image.fromarray(np.zeros((10, 12, 3), dtype=np.uint8)).save(victim)
     _mini(standard, tmp_path / "b")
-    digests = [read_manifest(tmp_path / r, "miniimagenet")["source"]["sha256"] for r in "ab"]
+    digests = [read_manifest(tmp_path / r, "miniimagenet")["source"]["content_digest"] for r in "ab"]
     assert digests[0] != digests[1]
 
 
@@ -435,6 +436,19 @@ def test_mini_by_image_copy_without_csvs_says_where_to_find_them(tiny_mini, tmp_
     with pytest.raises(FileNotFoundError, match="no test/.*--split-dir"):
         _mini(by_image, tmp_path / "cache")
     _no_leftovers(tmp_path / "cache")
+
+
+def test_mini_split_dir_without_csvs_is_an_error_not_ignored(tiny_mini, tmp_path):
+    standard = _as_standard_copy(tiny_mini, tmp_path / "standard")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="split file .*empty/train.csv is missing"):
+        _mini(standard, tmp_path / "cache", split_dir=tmp_path / "empty")
+
+
+def test_mini_images_folder_with_an_image_no_csv_names_is_refused(tiny_mini, tmp_path):
+    shutil.copy(next((tiny_mini / "images").glob("*.jpg")), tiny_mini / "images" / "n0000000000000001.jpg")
+    with pytest.raises(ValueError, match="1 image.*no split CSV names.*n0000000000000001.jpg"):
+        _mini(tiny_mini, tmp_path / "cache")
 
 
 def test_mini_standard_copy_missing_class_is_named(tiny_mini, tmp_path):

@@ -214,10 +214,15 @@ def test_prototype_init_starts_at_the_class_means_plus_theta():
     means = torch.stack([support[:, labels[0] == c].mean(1) for c in range(N)], dim=1)  # (T, N, D)
     start, _ = BaseLearner(steps=0, lr=0.1, fc_init="prototypes").with_theta(weight, bias).adapt(support, labels, N)
     assert torch.allclose(start, means + weight)
-    shaped = BaseLearner(steps=0, lr=0.1, fc_init="prototypes", prototype_centre=True, prototype_normalise=True, prototype_scale=3.0)
+    shaped = BaseLearner(steps=0, lr=0.1, fc_init="prototypes", prototype_normalise=True)
     start, _ = shaped.with_theta(torch.zeros_like(weight), bias).adapt(support, labels, N)
-    centred = means - means.mean(1, keepdim=True)
-    assert torch.allclose(start, 3.0 * centred / centred.norm(dim=-1, keepdim=True))
+    assert torch.allclose(start, means / means.norm(dim=-1, keepdim=True))
+
+
+def test_a_bundle_with_a_removed_prototype_setting_is_read_only_at_its_old_default():
+    assert BaseLearner.from_config({"steps": 1, "lr": 0.1, "prototype_centre": False, "prototype_scale": 1.0}).steps == 1
+    with pytest.raises(ValueError, match="base_learner.prototype_scale=3.0, an option that has been removed"):
+        BaseLearner.from_config({"steps": 1, "lr": 0.1, "prototype_scale": 3.0})
 
 
 def test_cosine_logits_are_temperature_times_cosine_plus_bias():

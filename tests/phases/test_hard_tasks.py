@@ -117,17 +117,7 @@ def test_waits_while_the_pool_has_fewer_than_n_way_classes():
     assert scheduler.normal_done == 20 and len(scheduler.pool) == 20 * N_TASKS  # it keeps collecting
     # once the pool reaches N classes, the hard iterations follow
     scheduler.pool += [2, 3, 4]
-    scheduler.pool_images += [scheduler.pool_images[0]] * 3
     assert scheduler.next_kind(20) == "hard"
-
-
-def test_min_classes_raises_the_pool_size_needed():
-    scheduler = _scheduler(normal_iterations=1, hard_iterations=1, start=0, min_classes=8)
-    scheduler.pool, scheduler.pool_images, scheduler.normal_done = list(range(7)), [[0] * 4] * 7, 5
-    assert scheduler.next_kind(10) == "normal"
-    scheduler.pool.append(7)
-    scheduler.pool_images.append([0] * 4)
-    assert scheduler.next_kind(11) == "hard"
 
 
 # hard-task sampling ------------------------------------------------------------------------------
@@ -154,10 +144,11 @@ def test_hard_tasks_draw_only_failure_classes():
         assert (labels[tasks.support].reshape(N_TASKS, N_WAY, N_SHOT) == tasks.class_ids[:, :, None]).all()
 
 
-def test_fresh_images_mode_draws_other_images():
-    scheduler, sampler = _scheduler(start=0, fresh_images=True), _sampler()
-    _fill_pool(scheduler, sampler, 10)
-    failed_images = {i for images in scheduler.pool_images for i in images}
+def test_hard_tasks_draw_fresh_images_of_the_failure_classes():
+    scheduler, sampler = _scheduler(start=0), _sampler()
+    records = _fill_pool(scheduler, sampler, 10)
+    failed_images = {i for tasks in records for t in range(N_TASKS)  # position 0 fails
+                     for i in [*tasks.support[t, :N_SHOT].tolist(), *tasks.query[t, :N_QUERY].tolist()]}
     hard_images = set()
     for _ in range(5):
         tasks = scheduler.sample("hard", sampler, N_TASKS)
@@ -166,31 +157,11 @@ def test_fresh_images_mode_draws_other_images():
     assert hard_images - failed_images
 
 
-def test_same_images_mode_reuses_exactly_the_stored_images():
-    scheduler, sampler = _scheduler(start=0, fresh_images=False), _sampler()
-    records = _fill_pool(scheduler, sampler, 10)
-    stored = {}  # class -> the (support, query) image lists it failed with
-    for tasks in records:
-        for t in range(N_TASKS):
-            class_id = int(tasks.class_ids[t, 0])
-            stored.setdefault(class_id, []).append((tasks.support[t, :N_SHOT].tolist(), tasks.query[t, :N_QUERY].tolist()))
-    for i in range(10, 15):
-        kind, tasks = _step(scheduler, sampler, i)
-        assert kind == "hard"
-        for t in range(N_TASKS):
-            assert len(set(tasks.class_ids[t].tolist())) == N_WAY
-            for c in range(N_WAY):
-                class_id = int(tasks.class_ids[t, c])
-                support = tasks.support[t, c * N_SHOT : (c + 1) * N_SHOT].tolist()
-                query = tasks.query[t, c * N_QUERY : (c + 1) * N_QUERY].tolist()
-                assert (support, query) in stored[class_id]
-
-
 def test_pool_is_cleared_after_the_hard_iterations():
     scheduler, sampler = _scheduler(start=0), _sampler()
     for i in range(15):
         _step(scheduler, sampler, i)
-    assert scheduler.pool == [] and scheduler.pool_images == [] and scheduler.normal_done == 0
+    assert scheduler.pool == [] and scheduler.normal_done == 0
     assert sum(scheduler.failure_counts.values()) == 10 * N_TASKS  # normal tasks only
 
 
@@ -228,13 +199,13 @@ def test_second_cycle_pool_comes_only_from_second_cycle_tasks():
 
 def test_state_dict_round_trip_continues_identically():
     def run(resume_at=None):
-        scheduler, sampler = _scheduler(start=0, fresh_images=False), _sampler(seed=4)
+        scheduler, sampler = _scheduler(start=0), _sampler(seed=4)
         kinds, draws = [], []
         for i in range(40):
             if i == resume_at:
                 state = json.loads(json.dumps(scheduler.state_dict()))  # checkpoints keep JSON
                 sampler_state = json.loads(json.dumps(sampler.state_dict()))
-                scheduler, sampler = _scheduler(start=0, fresh_images=False), _sampler(seed=99)
+                scheduler, sampler = _scheduler(start=0), _sampler(seed=99)
                 scheduler.load_state_dict(state)
                 sampler.load_state_dict(sampler_state)
             kind, tasks = _step(scheduler, sampler, i, fail=lambda t: [i % N_WAY] * N_TASKS)
@@ -256,9 +227,8 @@ def test_reproducible_from_the_seed():
     assert run(1) != run(2)
 
 
-@pytest.mark.parametrize("fresh_images", [True, False])
-def test_hard_tasks_have_the_normal_shapes(fresh_images):
-    scheduler, sampler = _scheduler(start=0, fresh_images=fresh_images), _sampler()
+def test_hard_tasks_have_the_normal_shapes():
+    scheduler, sampler = _scheduler(start=0), _sampler()
     _fill_pool(scheduler, sampler, 10)
     tasks = scheduler.sample("hard", sampler, 3)
     assert tasks.support.shape == (3, N_WAY * N_SHOT)

@@ -70,15 +70,21 @@ def _read_mini_csvs(csv_dir: Path) -> dict[str, list[tuple[str, str]]]:
 
 
 def _match_csvs(
-    rows: dict[str, list[tuple[str, str]]], found: dict[str, str], where: str, csv_dir: Path
+    rows: dict[str, list[tuple[str, str]]],
+    found: dict[str, str],
+    where: str,
+    csv_dir: Path,
+    *,
+    class_folders: bool = True,
 ) -> dict[str, ClassList]:
     """Give every CSV row its file (`found`: file name -> path) and refuse files no CSV names.
 
-    Classes must agree both ways: a class folder no CSV lists (an extra class) and a CSV class
-    without images (a missing class) are both errors that name the class.
+    With `class_folders` (images in `<class>/` folders), classes must agree both ways: a class
+    folder no CSV lists (an extra class) and a CSV class without images (a missing class) are both
+    errors that name the class, and a file's folder must be its CSV class.
     """
     listed = {label for split_rows in rows.values() for _, label in split_rows}
-    on_disk = {Path(path).parent.name for path in found.values()}
+    on_disk = {Path(path).parent.name for path in found.values()} if class_folders else set()
     extra = sorted(on_disk - listed)
     if extra:
         raise ValueError(
@@ -96,7 +102,7 @@ def _match_csvs(
                     f"{where}: {csv_dir / (split + '.csv')} names {filename} (class {label}), "
                     f"which is not in the source; the copy is incomplete: fetch it again"
                 )
-            if Path(path).parent.name != label:
+            if class_folders and Path(path).parent.name != label:
                 raise ValueError(
                     f"{where}: {path} lies in folder {Path(path).parent.name}, but "
                     f"{split}.csv gives it class {label}; the copy's labels are not Ravi's"
@@ -137,23 +143,16 @@ def read_mini(source: Path, split_dir: Path | None) -> tuple[dict[str, ClassList
       which must be in the source or `split_dir` (for example ../shared/data/miniimagenet/splits/ravi).
     """
     csv_dir = split_dir or source
-    has_csvs = (csv_dir / "train.csv").is_file()
+    # A --split-dir is always read (a wrong one is an error, never silently ignored); without one,
+    # CSVs beside the images are used when there.
+    has_csvs = split_dir is not None or (source / "train.csv").is_file()
     where = f"miniImageNet {source}"
     if (source / "images").is_dir():
         rows = _read_mini_csvs(csv_dir)
-        found = {path.name: str(path) for path in (source / "images").iterdir() if path.is_file()}
-        splits = {}
-        for split, split_rows in rows.items():
-            per_class: dict[str, list[ImageRef]] = {}
-            for filename, label in split_rows:
-                if filename not in found:
-                    raise FileNotFoundError(
-                        f"{csv_dir / (split + '.csv')} names {filename} (class {label}), which is "
-                        f"not in {source / 'images'}; the image folder is incomplete"
-                    )
-                per_class.setdefault(label, []).append(("", found[filename]))
-            splits[split] = sorted(per_class.items())
-        return splits, f"miniimagenet ravi & larochelle split, images/ + CSVs from {csv_dir}"
+        found = {path.name: str(path) for path in list_images(source / "images")}
+        return _match_csvs(rows, found, where, csv_dir, class_folders=False), (
+            f"miniimagenet ravi & larochelle split, images/ + CSVs from {csv_dir}"
+        )
     if all((source / split).is_dir() for split in SPLITS):
         if not has_csvs:
             return _tree(source, f"miniImageNet tree {source}"), (

@@ -40,6 +40,7 @@ class Built:
     # split -> (number of classes, images per class or None when it varies); None: no benchmark
     expected: dict[str, tuple[int, int | None]] | None
     files: dict[str, str] | None = None
+    content_digest: str | None = None  # a folder source's images, named by their pixels
 
 
 def sha256_file(path: str | Path) -> str:

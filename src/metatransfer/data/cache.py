@@ -145,6 +145,8 @@ def describe(root: str | Path, name: str) -> str:
         )
     lines.append(f"source    {source['path']}")
     lines.append(f"sha256    {source['sha256'] or '(folder, none)'}")
+    if source.get("content_digest"):
+        lines.append(f"content   {source['content_digest']} (sha256 of the sorted 'name sha256' lines of its images)")
     for file_name, digest in source.get("files", {}).items():
         lines.append(f"          {file_name}: {digest}")
     lines.append("mean      " + ", ".join(f"{value:.4f}" for value in manifest["mean"]))
@@ -257,8 +259,12 @@ class CacheBuilder:
         protocol: str,
         options: dict[str, Any],
         source_files: dict[str, str] | None = None,
+        content_digest: str | None = None,
     ) -> Path:
-        """Compute train mean/std, write the manifest last, and rename the folder into place."""
+        """Compute train mean/std, write the manifest last, and rename the folder into place.
+
+        `content_digest` names a folder source by its images' pixels (`_sources.content_digest`),
+        where `source_sha256` is the checksum of a source archive."""
         missing = [split for split in SPLITS if split not in self._splits]
         if missing:
             raise ValueError(f"Cannot commit {self.name!r}: splits {missing} were never written")
@@ -274,6 +280,8 @@ class CacheBuilder:
         source = {"path": str(source_path), "sha256": source_sha256}
         if source_files:
             source["files"] = dict(source_files)
+        if content_digest:
+            source["content_digest"] = content_digest
         manifest = {
             "format_version": FORMAT_VERSION,
             "dataset": self.name,

@@ -37,8 +37,8 @@ MINI_EXPECTED = {"train": (64, 600), "val": (16, 600), "test": (20, 600)}
 # say which it used: the manifest records the copy's content digest (`content_digest`) and, for
 # these known copies, its name.
 MINI_COPIES = {
-    "240741e9cd169722d45329e42b4b9cc93c0ccc3da8398b8bd87319ff3e29df02": "standard copy (Ravi & Larochelle's images.zip, JPEG quality 75; "
-    "GitHub SankhaSubhra/Few-shot-Learners data/miniimagenet)",
+    "240741e9cd169722d45329e42b4b9cc93c0ccc3da8398b8bd87319ff3e29df02": "standard copy (JPEG quality 75, most likely the "
+    "images.zip most papers used; GitHub SankhaSubhra/Few-shot-Learners data/miniimagenet)",
     "507d1d3d3d301be2767a26198557aeaa53d8262ba5d87f167d4a129b2b0a3531": "second copy (mini-imagenet-tools' output, JPEG quality 95, split by image; "
     "GitHub Deo0330/split_minidataset)",
 }
@@ -138,14 +138,14 @@ def _build(
         return build_cifar(builder, name, source, image_size=image_size, log=log)
     if not source.is_dir():
         raise ValueError(f"{name!r} needs a folder as source, got the file {source}")
-    sha256 = None
+    digest = None
     if name == "miniimagenet":
         splits, protocol = read_mini(source, split_dir)
         expected = MINI_EXPECTED
-        sha256 = content_digest(splits)
-        copy = MINI_COPIES.get(sha256, "a copy of unknown origin: name it with this digest")
+        digest = content_digest(splits)
+        copy = MINI_COPIES.get(digest, "a copy of unknown origin: name it with this digest")
         protocol = f"{protocol}; images: {copy}"
-        log(f"miniimagenet: images of the {copy}, content digest {sha256[:16]}...")
+        log(f"miniimagenet: images of the {copy}, content digest {digest[:16]}...")
     elif name == "tieredimagenet":
         splits, protocol = read_tiered(source, split_dir)
         expected = TIERED_EXPECTED
@@ -160,7 +160,7 @@ def _build(
         mode = "L" if probe_grayscale(refs) else "RGB"
     for split in SPLITS:
         write_classes(builder, split, splits[split], mode=mode, size=image_size)
-    return Built(source_path=source, sha256=sha256, protocol=protocol, expected=expected)
+    return Built(source_path=source, sha256=None, protocol=protocol, expected=expected, content_digest=digest)
 
 
 def prepare_dataset(
@@ -234,6 +234,7 @@ def prepare_dataset(
             protocol=built.protocol,
             options=options,
             source_files=built.files,
+            content_digest=built.content_digest,
         )
     log(f"{output_name}: written to {folder}")
     return folder

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from metatransfer.config import BaseLearnerConfig
+from metatransfer.config import REMOVED, BaseLearnerConfig
 from metatransfer.models.hyperprior import Hyperprior
 
 __all__ = ["BaseLearner", "Hyperprior", "head_logits", "adapt_head", "init_head_weight", "expand_head", "per_class_accuracy"]
@@ -152,6 +152,8 @@ def _adapt_by_autograd(loss_fn: LossFunction, weight: torch.Tensor, bias: torch.
 
 
 _DEFAULTS = BaseLearnerConfig()  # config.py is the one home of the settings' defaults
+# Removed settings an older bundle's `base_learner` may hold, with the value that left them off.
+_REMOVED = {key.removeprefix("base_learner."): value for key, value in REMOVED.items() if key.startswith("base_learner.")}
 # Settings that shape training only (theta's start, what is meta-learned): not needed to score, so
 # left out of a bundle's `base_learner` and of comparisons.
 _TRAINING_ONLY = ("init", "learn_theta", "learn_temperature")
@@ -170,7 +172,7 @@ class BaseLearner:
     Args:
         steps, lr: gradient steps on the support set's mean cross-entropy, and their size.
         fc_init: "theta" (the FC starts at theta) or "prototypes" (at the support class means, plus theta).
-        prototype_centre, prototype_normalise, prototype_scale: how prototypes are shaped.
+        prototype_normalise: prototypes scaled to unit length.
         logits: "linear" or "cosine" (temperature * cosine similarity + bias).
         feature_centre: subtract from every feature (support and query) its mean over its dimensions (E3BM's code).
         ensemble: "none", or "e3bm": the head is E3BM's task-weighted sum of the heads after each step,
@@ -188,9 +190,7 @@ class BaseLearner:
     steps: int
     lr: float
     fc_init: str = _DEFAULTS.fc_init
-    prototype_centre: bool = _DEFAULTS.prototype_centre
     prototype_normalise: bool = _DEFAULTS.prototype_normalise
-    prototype_scale: float = _DEFAULTS.prototype_scale
     logits: str = _DEFAULTS.logits
     feature_centre: bool = _DEFAULTS.feature_centre
     ensemble: str = _DEFAULTS.ensemble
@@ -220,6 +220,10 @@ class BaseLearner:
             ValueError: `ensemble="e3bm"` and `tensors` hold no hyperprior learners.
         """
         values = config if isinstance(config, dict) else {f.name: getattr(config, f.name) for f in fields(config)}
+        for key, default in _REMOVED.items():  # a bundle exported before these settings were removed
+            if values.get(key, default) != default:
+                raise ValueError(f"This model was made with base_learner.{key}={values[key]!r}, an option that has been "
+                                 "removed: this version cannot score it as it was trained.")
         settings = {f.name for f in fields(cls) if f.name not in _LEARNED or f.name == "temperature"}
         learner = cls(**{key: value for key, value in values.items() if key in settings})
         if tensors is None:
@@ -330,11 +334,9 @@ class BaseLearner:
         weight, bias = expand_head(self.theta_weight, self.theta_bias, n_way, support.shape[0])
         if self.fc_init == "prototypes":
             prototypes = class_means(support, labels, n_way)
-            if self.prototype_centre:
-                prototypes = prototypes - prototypes.mean(dim=1, keepdim=True)
             if self.prototype_normalise:
                 prototypes = F.normalize(prototypes, dim=-1)
-            weight = weight + self.prototype_scale * prototypes
+            weight = weight + prototypes
         return weight, bias
 
     def _centred(self, features: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ __all__ = [
     "apply_scale_shift",
     "fold_scale_shift",
     "scale_shift_conv2d",
-    "scale_shift_parameters", "scale_shift_penalty",
+    "scale_shift_parameters",
 ]
 
 SCALE_SHIFT_MODES = ("kernel", "channel")
@@ -239,12 +239,6 @@ def fold_scale_shift(model: nn.Module) -> nn.Module:
                     folded[id(child)] = child.fold()
                 setattr(parent, name, folded[id(child)])
     return model
-
-
-def scale_shift_penalty(model: nn.Module) -> torch.Tensor:
-    """sum((scale - 1)^2) + sum(shift^2) over every ``ScaleShiftConv2d``: 0 at identity."""
-    modules = [m for m in model.modules() if isinstance(m, ScaleShiftConv2d)]
-    return sum(((m.scale - 1) ** 2).sum() + (m.shift**2).sum() for m in modules)
 
 
 def scale_shift_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -2,8 +2,8 @@
 
 After each task's inner loop the classes are ranked by their accuracy on the task's queries; the
 lowest is the task's failure class. The failure classes of `normal_iterations` meta-batches form a
-pool; then `hard_iterations` meta-batches of hard tasks are sampled from the pool (fresh images by
-default, as the papers found better) and get exactly the same meta-update; then the pool is cleared.
+pool; then `hard_iterations` meta-batches of hard tasks are sampled from the pool (fresh images of
+those classes, as the papers found better) and get exactly the same meta-update; then the pool is cleared.
 This follows the authors' preliminary TF code (10 normal : 5 hard, from iteration 10) except for
 its defect: there the per-task accuracy list is never cleared, so from the second cycle on the
 "failure" classes come from the first 20 tasks. Here every cycle ranks its own tasks.
@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-import numpy as np
 import torch
 
 from metatransfer.config import HardTaskConfig
@@ -42,14 +41,13 @@ class HardTaskScheduler:
     Args:
         config: the `meta_train.hard_tasks` settings.
         n_way: classes per task; a hard cycle waits until the pool holds at least
-            max(n_way, config.min_classes) distinct classes (it keeps collecting until then).
+            n_way distinct classes (it keeps collecting until then).
     """
 
     def __init__(self, config: HardTaskConfig, n_way: int) -> None:
         self.config = config
-        self.needed = max(n_way, config.min_classes)
+        self.needed = n_way
         self.pool: list[int] = []  # failure classes of the current cycle, with repeats
-        self.pool_images: list[list[int]] = []  # the images each failure class had, for fresh_images=False
         self.normal_done = 0
         self.hard_left = 0
         self.failure_counts: Counter[int] = Counter()
@@ -61,55 +59,35 @@ class HardTaskScheduler:
             if len(set(self.pool)) >= self.needed:
                 self.hard_left = self.config.hard_iterations
                 if self.hard_left == 0:  # a cycle without hard meta-batches still ends here
-                    self.pool, self.pool_images, self.normal_done = [], [], 0
+                    self.pool, self.normal_done = [], 0
         return "hard" if self.hard_left > 0 else "normal"
 
     def sample(self, kind: str, sampler: TaskSampler, n_tasks: int) -> TaskIndices:
         if kind == "normal":
             return sampler.sample(n_tasks)
-        if self.config.fresh_images:
-            return sampler.sample(n_tasks, classes=self.pool)
-        return self._sample_same_images(sampler, n_tasks)
-
-    def _sample_same_images(self, sampler: TaskSampler, n_tasks: int) -> TaskIndices:
-        """Hard tasks that reuse the very images with which each failure class failed."""
-        classes = np.asarray(sorted(set(self.pool)))
-        K, Q, N = sampler.n_shot, sampler.n_query, sampler.n_way
-        support = np.empty((n_tasks, N, K), dtype=np.int64)
-        query = np.empty((n_tasks, N, Q), dtype=np.int64)
-        class_ids = np.empty((n_tasks, N), dtype=np.int64)
-        for t in range(n_tasks):
-            class_ids[t] = sampler.rng.choice(classes, N, replace=False)
-            for c, class_id in enumerate(class_ids[t]):
-                records = [i for i, pooled in enumerate(self.pool) if pooled == class_id]
-                images = self.pool_images[records[sampler.rng.integers(len(records))]]
-                support[t, c], query[t, c] = images[:K], images[K:]
-        return TaskIndices(support.reshape(n_tasks, -1), query.reshape(n_tasks, -1), class_ids, N, K, Q)
+        return sampler.sample(n_tasks, classes=self.pool)  # fresh images of the failure classes
 
     def observe(self, kind: str, tasks: TaskIndices, per_class_accuracy: torch.Tensor, per_class_loss: torch.Tensor) -> None:
         """Record the failure classes of a normal meta-batch; count down a hard one."""
         if kind == "hard":
             self.hard_left -= 1
             if self.hard_left == 0:
-                self.pool, self.pool_images, self.normal_done = [], [], 0
+                self.pool, self.normal_done = [], 0
             return
         positions = failure_classes(per_class_accuracy.cpu(), per_class_loss.cpu()).tolist()
-        K, Q = tasks.n_shot, tasks.n_query
         for t, c in enumerate(positions):
             class_id = int(tasks.class_ids[t, c])
             self.pool.append(class_id)
-            images = np.concatenate([tasks.support[t, c * K : (c + 1) * K], tasks.query[t, c * Q : (c + 1) * Q]])
-            self.pool_images.append(images.tolist())
             self.failure_counts[class_id] += 1
         self.normal_done += 1
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "pool": self.pool, "pool_images": self.pool_images, "normal_done": self.normal_done,
+            "pool": self.pool, "normal_done": self.normal_done,
             "hard_left": self.hard_left, "failure_counts": {str(k): v for k, v in self.failure_counts.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pool, self.pool_images = list(state["pool"]), [list(x) for x in state["pool_images"]]
+        self.pool = list(state["pool"])  # a checkpoint of older code also holds "pool_images", unused
         self.normal_done, self.hard_left = state["normal_done"], state["hard_left"]
         self.failure_counts = Counter({int(k): v for k, v in state["failure_counts"].items()})

@@ -33,7 +33,7 @@ from metatransfer.features import FeatureSettings, batch_statistics, forward_ima
 from metatransfer.loading import backbone_meta, load_pretrained_backbone, pretrained_stem, shot_best_stem
 from metatransfer.model import Preprocessing
 from metatransfer.models.head import BaseLearner, per_class_accuracy
-from metatransfer.models.scale_shift import apply_scale_shift, scale_shift_parameters, scale_shift_penalty
+from metatransfer.models.scale_shift import apply_scale_shift, scale_shift_parameters
 from metatransfer.phases import pretrain
 from metatransfer.phases._start import start_phase
 from metatransfer.phases.hard_tasks import HardTaskScheduler
@@ -58,7 +58,7 @@ def prepare_meta_model(config: Config, run_dir: Path, in_chans: int) -> tuple[nn
     for parameter in backbone.parameters():
         parameter.requires_grad_(False)
     if config.model.adapt == "ss":
-        apply_scale_shift(backbone, mode=config.model.ss_mode, include_shortcuts=config.model.ss_shortcuts)
+        apply_scale_shift(backbone, mode=config.model.ss_mode)
         trainable = scale_shift_parameters(backbone)
         if config.model.ss_bn_affine:
             norms = [p for m in backbone.modules() if isinstance(m, nn.BatchNorm2d) for p in (m.weight, m.bias)]
@@ -154,7 +154,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     and with `meta_train.val_shots` a `meta_train/best-<K>shot` per further shot."""
     meta = config.meta_train
     log = log if is_main() else (lambda message: None)
-    if config.model.init_from and not checkpoint_exists(run_dir / "pretrain" / "best"):
+    if config.transfer.source and not checkpoint_exists(run_dir / "pretrain" / "best"):
         if checkpoint_exists(run_dir / "pretrain" / "last"):
             raise ValueError(f"{run_dir} holds an unfinished pre-training (pretrain/last, no pretrain/best): finish it with "
                              f"`mtl pretrain --resume {run_dir}` before meta-training.")
@@ -179,7 +179,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     sampler = TaskSampler(train.labels, n_way=meta.n_way, n_shot=meta.n_shot, n_query=meta.n_query, seed=config.seed, class_names=train.class_names)
     hard = HardTaskScheduler(meta.hard_tasks, meta.n_way)
     model_meta = {**backbone_meta(config, backbone, in_chans), "adapt": config.model.adapt, "ss_mode": config.model.ss_mode,
-                  "ss_shortcuts": config.model.ss_shortcuts, "n_way": meta.n_way, "dataset": config.data.name}
+                  "n_way": meta.n_way, "dataset": config.data.name}
     shard = rank_slice(meta.n_tasks, "meta_train.n_tasks")  # this rank's tasks of each meta-batch
     metrics = MetricsLog(run_dir, enabled=is_main(), name="meta_train")
     start, best_accuracy = 0, -1.0
@@ -277,8 +277,6 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
                 f"meta-train loss became {loss_value} at iteration {iteration}; {last_stem} holds the last good state. "
                 "Lower meta_train.lr_ss / lr_head or base_learner.lr."
             )
-        if meta.ss_l2 > 0:  # the pull toward identity is not part of the logged task loss
-            loss = loss + meta.ss_l2 * scale_shift_penalty(backbone)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         all_reduce_gradients([*trainable, *learned_head, *hyperprior])

@@ -191,7 +191,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     model_meta = {**backbone_meta(config, backbone, in_chans), "num_classes": train.num_classes, "dataset": config.data.name}
     # init_*: recorded, not checked (runs from before --init-from have no such keys and must still resume);
     # teacher_sha256: pinned again when a run resumes, and checked where the teacher loads
-    saved_meta = {**model_meta, "init_from": config.model.init_from, "init_sha256": config.model.init_sha256, "teacher_sha256": pre.distill_sha256}
+    saved_meta = {**model_meta, "init_from": config.transfer.source, "init_sha256": config.transfer.sha256, "teacher_sha256": pre.distill_sha256}
     metrics = MetricsLog(run_dir, enabled=is_main(), name="pretrain")
     last_stem, best_stem = run_dir / "pretrain" / "last", run_dir / "pretrain" / "best"
     start_epoch, start_step, best_accuracy = 0, 0, -1.0
@@ -237,7 +237,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
             config = dataclasses.replace(config, pretrain=dataclasses.replace(pre, distill_sha256=pinned))
             pre = config.pretrain
         log(f"resuming pre-train at epoch {start_epoch}, step {start_step}")
-    elif config.model.init_from:  # transfer: start from another run's or bundle's backbone
+    elif config.transfer.source:  # transfer: start from another run's or bundle's backbone
         provenance = load_init_backbone(config, backbone, in_chans, train.std)
         if is_main():
             write_json(run_dir / "init_from.json", provenance)
@@ -250,7 +250,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         nonlocal best_accuracy
         # the base-learner as meta-test runs it from its untrained init
         learner = BaseLearner.untrained(config.base_learner, backbone.out_features, n_way=5, seed=config.seed).to(device)
-        plan = EpisodePlan(ways=[5], shots=[pre.val_shot], episodes=pre.val_episodes, n_query=config.meta_test.n_query, seed=config.meta_test.seed)
+        plan = EpisodePlan(ways=[5], shots=[1], episodes=pre.val_episodes, n_query=config.meta_test.n_query, seed=config.meta_test.seed)
         result = evaluate_split(validation_model(config, backbone, learner, val, device), val, plan)[0]
         if result["accuracy"] > best_accuracy:
             best_accuracy = result["accuracy"]
@@ -346,5 +346,5 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     metrics.close()
     barrier()  # the other ranks wait until rank 0 has written pretrain/best
     summary = {"best_val_accuracy": best_accuracy, "seconds": round(time.time() - started, 1)}
-    log(f"pre-train done: best val {best_accuracy:.2f}% (5-way {pre.val_shot}-shot), {summary['seconds']:.0f} s")
+    log(f"pre-train done: best val {best_accuracy:.2f}% (5-way 1-shot), {summary['seconds']:.0f} s")
     return summary
