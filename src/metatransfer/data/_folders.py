@@ -149,7 +149,7 @@ def read_mini(source: Path, split_dir: Path | None) -> tuple[dict[str, ClassList
     where = f"miniImageNet {source}"
     if (source / "images").is_dir():
         rows = _read_mini_csvs(csv_dir)
-        found = {path.name: str(path) for path in list_images(source / "images")}
+        found = {Path(path).name: path for path in list_images(source / "images")}
         return _match_csvs(rows, found, where, csv_dir, class_folders=False), (
             f"miniimagenet ravi & larochelle split, images/ + CSVs from {csv_dir}"
         )
