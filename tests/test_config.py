@@ -325,3 +325,16 @@ def test_the_cli_refuses_a_renamed_or_removed_key_with_exit_2_before_writing_any
     assert main(["run", "--preset", "smoke", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "run"), override]) == 2
     assert capsys.readouterr().err.startswith(f"mtl: error: {message}")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_run_config_kept_in_docs_still_loads():
+    """The run files that back docs/results.md were written by older versions: renamed keys and
+    removed ones at their defaults must not stop them loading."""
+    from pathlib import Path
+
+    from metatransfer.run import read_run_config
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "docs").rglob("config.yaml"))
+    assert paths
+    for path in paths:
+        read_run_config(path.parent)
