@@ -40,6 +40,23 @@ def test_bad_settings_are_refused_before_anything_is_written(override, message, 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("val_every", 0, "meta_train.val_every must be at least 1"),
+    ("lr_hyperprior", 0.0, "meta_train.lr_hyperprior is a learning rate"),
+    ("classes", "some", "meta_train.classes must be one of"),
+])
+def test_a_config_object_is_range_checked_as_yaml_and_overrides_are(key, value, message, tmp_path):
+    """A `Config` built or changed in Python never went through the reading that checks each value:
+    `run_experiment` checks every key of it, before writing anything."""
+    config = load_config("smoke")
+    setattr(config.meta_train, key, value)
+    with pytest.raises(ValueError, match=message):
+        experiment_config(config)
+    with pytest.raises(ValueError, match=message):
+        run_experiment(config, tmp_path / "run", data_root=tmp_path / "data")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_missing_init_from_source_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises((ValueError, FileNotFoundError), match="--init-from"):
         run_experiment("smoke", tmp_path / "run", init_from=tmp_path / "nothing")

@@ -427,12 +427,30 @@ def _apply(target: Any, values: dict[str, Any], prefix: str = "") -> None:
             _apply(current, value, f"{dotted}.")
             continue
         value = _coerce(value, hints[key], dotted)
-        if key.startswith("lr") and key not in ("lr_step", "lr_decay_every", "lr_gamma") and not 0 < value <= 100:
-            raise ValueError(f"Config key {dotted} is a learning rate and must be in (0, 100]; got {value!r}.")
-        if dotted in _CHOICES and value not in _CHOICES[dotted]:
-            raise ValueError(f"Config key {dotted} must be one of {', '.join(_CHOICES[dotted])}; got {value!r}.")
-        _check_range(dotted, value)
+        _check_value(dotted, value)
         setattr(target, key, value)
+
+
+def _check_value(dotted: str, value: Any) -> None:
+    """The checks of one setting on its own: a learning rate's range, a choice, a size's minimum.
+    Run as each value is read (YAML, overrides) and, by `check_config`, on every key of a `Config`
+    built in Python, which no reading went through."""
+    key = dotted.rsplit(".", 1)[-1]
+    if key.startswith("lr") and key not in ("lr_step", "lr_decay_every", "lr_gamma") and not 0 < value <= 100:
+        raise ValueError(f"Config key {dotted} is a learning rate and must be in (0, 100]; got {value!r}.")
+    if dotted in _CHOICES and value not in _CHOICES[dotted]:
+        raise ValueError(f"Config key {dotted} must be one of {', '.join(_CHOICES[dotted])}; got {value!r}.")
+    _check_range(dotted, value)
+
+
+def _settings(section: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any]]:
+    """Every (dotted key, value) of a config section, its subsections walked."""
+    for item in dataclasses.fields(section):
+        value = getattr(section, item.name)
+        if dataclasses.is_dataclass(value):
+            yield from _settings(value, f"{prefix}{item.name}.")
+        else:
+            yield f"{prefix}{item.name}", value
 
 
 def _field_type(dotted: str) -> Any:
@@ -500,9 +518,15 @@ def check_config(config: Config) -> None:
     """Settings that are each valid but do not work together; the CLI calls this before a run
     directory is written, so the error comes before any training.
 
+    Each setting is first checked on its own as well (its range, choices, learning-rate bounds): a
+    `Config` built or changed in Python reaches here without the checks that reading YAML or an
+    override applies.
+
     Raises:
         ValueError: naming the settings and what to set instead.
     """
+    for dotted, value in _settings(config):
+        _check_value(dotted, value)
     learner, meta = config.base_learner, config.meta_train
     if learner.logits == "cosine" and learner.fc_init == "theta" and learner.init == "zeros":
         raise ValueError("base_learner.logits=cosine needs a non-zero start (the cosine of a zero weight is undefined): "
