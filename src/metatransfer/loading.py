@@ -12,7 +12,8 @@ whoever needs one.
 A bundle is a folder holding
 
     bundle.json          format, backbone name/width/in_chans, preprocessing (image size, channels,
-                         mean, std, invert), base-learner settings (steps, lr), file checksums
+                         mean, std, invert), base-learner settings (all of `BaseLearner.to_dict()`:
+                         what scoring needs), file checksums
     backbone.safetensors | backbone.onnx | backbone.pt    the backbone in the chosen format
     head.safetensors     the meta-learned FC initialisation theta: head.weight (N0, D), head.bias (N0,),
                          head.temperature () (cosine logits); with base_learner.ensemble=e3bm also
@@ -176,7 +177,7 @@ def load_run_model(run_dir: Path, config: Config | None = None, *, checkpoint: s
             apply_scale_shift(backbone, mode=meta["ss_mode"], include_shortcuts=meta.get("ss_shortcuts", False))
         backbone.load_state_dict(tensors_under(tensors, "backbone"))
         fold_scale_shift(backbone)
-        model = _run_model(config, backbone, BaseLearner.from_config(config.base_learner, tensors), preprocessing,
+        model = _run_model(config, backbone, BaseLearner.from_config(config.base_learner, tensors, source=f"checkpoint {meta_stem}"), preprocessing,
                            {"checkpoint": f"meta_train/{chosen}"})
     elif checkpoint_exists(pre_stem):
         model = load_start_model(run_dir, config, data_root=root)
@@ -291,7 +292,7 @@ def load_bundle_model(export_dir: Path) -> FewShotModel:
             "format": bundle["format"]}
     return FewShotModel(
         bundle_backbone(export_dir, bundle),
-        BaseLearner.from_config(bundle["base_learner"], head),  # older bundles hold steps and lr only: the defaults
+        BaseLearner.from_config(bundle["base_learner"], head, source=f"bundle {export_dir / bundle['head_file']}"),  # older bundles hold steps and lr only: the defaults
         Preprocessing.from_dict({key: bundle["preprocessing"][key] for key in keys}),
         bn_mode=bundle["bn_mode"],
         flip_average=bundle.get("flip_average", False),  # older bundles: off, as their runs scored

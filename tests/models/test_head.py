@@ -433,3 +433,48 @@ def test_trainable_learner_learns_what_its_settings_say_and_resumes_from_its_ten
     learner.load_tensors_(saved)
     assert learner.theta_weight.eq(1).all() and float(learner.temperature.detach()) == 3.0
     assert not learner.detached().theta_weight.requires_grad
+
+
+def test_untrained_theta_and_hyperprior_layers_come_from_different_draws_and_theta_is_the_plain_learner_s():
+    """theta and the hyperprior's kaiming layers are drawn in turn from one generator: the layers are not
+    a rescaled copy of theta, and theta is what the plain learner (no E3BM) starts at for the same seed."""
+    from metatransfer.config import BaseLearnerConfig
+
+    e3bm = BaseLearner.untrained(BaseLearnerConfig(init="kaiming", ensemble="e3bm", steps=3), D, n_way=N, seed=5)
+    plain = BaseLearner.untrained(BaseLearnerConfig(init="kaiming", steps=3), D, n_way=N, seed=5)
+    assert e3bm.theta_weight.equal(plain.theta_weight)
+    theta = e3bm.theta_weight.flatten()
+    for layer in (e3bm.hyperprior.step_size_weight, e3bm.hyperprior.combination_weight):
+        drawn = layer.detach().flatten()[: theta.numel()]
+        assert not torch.allclose(theta, 2**0.5 * drawn) and abs(torch.corrcoef(torch.stack([theta, drawn]))[0, 1]) < 0.5
+
+
+def test_moving_a_learner_copies_its_hyperprior_and_leaves_the_original_where_it_was():
+    from metatransfer.config import BaseLearnerConfig
+
+    learner = BaseLearner.untrained(BaseLearnerConfig(init="kaiming", ensemble="e3bm", steps=3), D, n_way=N, seed=0)
+    before = {k: v.clone() for k, v in learner.tensors().items()}
+    for moved in (learner.to(torch.float64), learner.to("meta"), learner.trainable(torch.device("meta"))):
+        assert moved.hyperprior is not learner.hyperprior
+    assert learner.to(torch.float64).hyperprior.step_size_weight.dtype == torch.float64
+    assert learner.to("meta").hyperprior.step_size_weight.device.type == "meta"
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in learner.hyperprior.parameters())
+    assert all(learner.tensors()[k].equal(before[k]) for k in before)
+
+
+def test_hyperprior_tensors_missing_or_partial_are_refused_naming_the_file_and_the_keys():
+    from metatransfer.config import BaseLearnerConfig
+
+    config = BaseLearnerConfig(init="kaiming", ensemble="e3bm", steps=3)
+    tensors = BaseLearner.untrained(config, D, n_way=N, seed=0).tensors()
+    theta = {k: v for k, v in tensors.items() if k.startswith("head.")}
+    with pytest.raises(ValueError, match="checkpoint /runs/x/meta_train/best holds no hyperprior"):
+        BaseLearner.from_config(config, theta, source="checkpoint /runs/x/meta_train/best")
+    partial = {k: v for k, v in tensors.items() if k != "hyperprior.combination_init"}
+    with pytest.raises(ValueError, match=r"bundle /b/head.safetensors .*missing hyperprior\.combination_init"):
+        BaseLearner.from_config(config, partial, source="bundle /b/head.safetensors")
+    learner = BaseLearner.untrained(config, D, n_way=N, seed=1).trainable(torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"missing hyperprior\.combination_init"):
+        learner.load_tensors_(partial)
+    learner.load_tensors_(tensors)  # the whole set loads
+    assert all(learner.tensors()[k].equal(tensors[k]) for k in tensors if k != "head.temperature")

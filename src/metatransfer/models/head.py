@@ -22,6 +22,7 @@ adapted head is the weighted sum of the heads after each step.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Mapping
 
@@ -206,7 +207,8 @@ class BaseLearner:
     # --- construction ---------------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, config: Any, tensors: Mapping[str, torch.Tensor] | None = None) -> "BaseLearner":
+    def from_config(cls, config: Any, tensors: Mapping[str, torch.Tensor] | None = None, *,
+                    source: str | None = None) -> "BaseLearner":
         """From a `BaseLearnerConfig` (or a bundle's `base_learner` dict; missing keys take their defaults).
 
         Args:
@@ -215,9 +217,11 @@ class BaseLearner:
                 temperature (`head.temperature`; runs from before cosine logits have none: the
                 configured one) and, with `ensemble="e3bm"`, the hyperprior learners (`hyperprior.*`).
                 None: settings only.
+            source: where `tensors` were read (a checkpoint, a bundle's head file), named in errors
+                so that the file to look at is known.
 
         Raises:
-            ValueError: `ensemble="e3bm"` and `tensors` hold no hyperprior learners.
+            ValueError: `ensemble="e3bm"` and `tensors` hold no hyperprior learners, or not all of them.
         """
         values = config if isinstance(config, dict) else {f.name: getattr(config, f.name) for f in fields(config)}
         for key, default in _REMOVED.items():  # a bundle exported before these settings were removed
@@ -235,21 +239,24 @@ class BaseLearner:
         if learner.ensemble == "none":
             return learner
         state = {key[len("hyperprior."):]: value for key, value in tensors.items() if key.startswith("hyperprior.")}
+        where = source if source is not None else "the checkpoint"
         if not state:
-            raise ValueError("base_learner.ensemble=e3bm, but the checkpoint holds no hyperprior learners (hyperprior.* "
+            raise ValueError(f"base_learner.ensemble=e3bm, but {where} holds no hyperprior learners (hyperprior.* "
                              "tensors): it was meta-trained without E3BM. Score it with base_learner.ensemble=none.")
-        return replace(learner, hyperprior=Hyperprior.from_tensors(state))
+        return replace(learner, hyperprior=Hyperprior.from_tensors(state, source=where))
 
     @classmethod
     def untrained(cls, config: Any, dim: int, *, n_way: int, seed: int) -> "BaseLearner":
         """The base-learner as meta-training starts it, for D = `dim` features: theta at `config.init`
-        for `n_way` classes and, with E3BM, fresh hyperprior learners, each drawn from a generator
-        seeded by `seed` (the run's). What pre-training validates with, what meta-training learns
-        from, and the start that the paired gain is measured against."""
+        for `n_way` classes and, with E3BM, fresh hyperprior learners, drawn in that order from one
+        generator seeded by `seed` (the run's): theta first, so it is the same with or without E3BM,
+        and the hyperprior's layers from the draws after it, not a copy of theta's. What pre-training
+        validates with, what meta-training learns from, and the start that the paired gain is measured against."""
         learner = cls.from_config(config)
-        weight = init_head_weight(n_way, dim, learner.init, generator=torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)
+        weight = init_head_weight(n_way, dim, learner.init, generator=generator)
         learner = replace(learner, theta_weight=weight, theta_bias=torch.zeros(n_way))
-        return learner.with_untrained_hyperprior(dim, torch.Generator().manual_seed(seed))
+        return learner.with_untrained_hyperprior(dim, generator)
 
     def with_untrained_hyperprior(self, dim: int, generator: torch.Generator | None = None) -> "BaseLearner":
         """With `ensemble="e3bm"`, a copy holding fresh hyperprior learners for D = `dim` features, as
@@ -264,26 +271,30 @@ class BaseLearner:
 
     # --- its tensors ----------------------------------------------------------------------------
 
+    def _hyperprior_on(self, device: torch.device | str | torch.dtype) -> Hyperprior | None:
+        """A copy of the hyperprior learners on `device`: `nn.Module.to` moves in place, and the
+        learner being copied (a loaded model, the untrained start) must keep its own."""
+        return None if self.hyperprior is None else copy.deepcopy(self.hyperprior).to(device)
+
     def to(self, device: torch.device | str) -> "BaseLearner":
-        """A copy with theta (and the temperature, if a tensor) on `device`; the hyperprior learners move in place."""
-        if self.hyperprior is not None:
-            self.hyperprior.to(device)
+        """A copy with theta, the temperature (if a tensor) and the hyperprior learners on `device`; this one is unchanged."""
         temperature = self.temperature.to(device) if isinstance(self.temperature, torch.Tensor) else self.temperature
+        hyperprior = self._hyperprior_on(device)
         if self.theta_weight is None:
-            return replace(self, temperature=temperature)
-        return replace(self, theta_weight=self.theta_weight.to(device), theta_bias=self.theta_bias.to(device), temperature=temperature)
+            return replace(self, temperature=temperature, hyperprior=hyperprior)
+        return replace(self, theta_weight=self.theta_weight.to(device), theta_bias=self.theta_bias.to(device), temperature=temperature,
+                       hyperprior=hyperprior)
 
     def trainable(self, device: torch.device) -> "BaseLearner":
         """A copy for meta-training on `device`: theta and the temperature as `nn.Parameter`s, each
-        requiring a gradient where `learn_theta` / `learn_temperature` says it is learned."""
-        if self.hyperprior is not None:
-            self.hyperprior.to(device)
+        requiring a gradient where `learn_theta` / `learn_temperature` says it is learned, and its
+        own copy of the hyperprior learners (what the optimizer then updates)."""
         weight, bias = nn.Parameter(self.theta_weight.to(device)), nn.Parameter(self.theta_bias.to(device))
         temperature = nn.Parameter(torch.tensor(float(self.temperature), device=device))
         for parameter in (weight, bias):
             parameter.requires_grad_(self.learn_theta)
         temperature.requires_grad_(self.learn_temperature)
-        return replace(self, theta_weight=weight, theta_bias=bias, temperature=temperature)
+        return replace(self, theta_weight=weight, theta_bias=bias, temperature=temperature, hyperprior=self._hyperprior_on(device))
 
     def head_parameters(self) -> list[torch.Tensor]:
         """What meta-training learns of theta and the temperature (`learn_theta`, `learn_temperature`), in that order."""
@@ -307,7 +318,9 @@ class BaseLearner:
         if "head.temperature" in tensors and isinstance(self.temperature, torch.Tensor):
             self.temperature.copy_(tensors["head.temperature"])
         if self.hyperprior is not None:
-            self.hyperprior.load_state_dict({key[len("hyperprior."):]: value for key, value in tensors.items() if key.startswith("hyperprior.")})
+            state = {key[len("hyperprior."):]: value for key, value in tensors.items() if key.startswith("hyperprior.")}
+            self.hyperprior.check_keys(state, source="the checkpoint")
+            self.hyperprior.load_state_dict(state)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings that scoring needs, plain values only (a bundle's `base_learner`)."""

@@ -16,6 +16,8 @@ __all__ = ["HYPERPRIOR_SCALE", "Hyperprior"]
 
 # E3BM's code: each hyperprior output is its initial value plus 1e-4 times the mapping's output.
 HYPERPRIOR_SCALE = 1e-4
+# The tensors `state_dict()` holds, as checkpoints and bundles store them under `hyperprior.`.
+_TENSORS = ("step_size_init", "step_size_weight", "step_size_bias", "combination_init", "combination_weight", "combination_bias")
 
 
 def _kaiming(rows: int, columns: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -32,11 +34,11 @@ class Hyperprior(nn.Module):
     Each is a learned initial value plus `HYPERPRIOR_SCALE` times the k-th output of a linear layer
     on the task's context, [mean support feature, mean over classes of the step's gradient], as the
     official code computes them. a starts at the base learning rate; v at 1 for the last step and 0
-    elsewhere ("last", the code's LAS: the ensemble starts as the plain base learner) or at 1/M for
-    every step ("equal", EQU). The layers start as the code's (kaiming weights, zero biases).
+    elsewhere ("last", the code's LAS: the ensemble starts as the plain base learner) or at 1/steps
+    for every step ("equal", EQU). The layers start as the code's (kaiming weights, zero biases).
 
     Args:
-        steps: M, the inner steps.
+        steps: the number of inner steps (k = 0 .. steps - 1).
         dim: D, the feature dimension (the context has 2D entries).
         lr: the base learning rate, a's initial value.
         init: "last" or "equal", v's initial value.
@@ -57,12 +59,29 @@ class Hyperprior(nn.Module):
         self.combination_bias = nn.Parameter(torch.zeros(steps))
 
     @classmethod
-    def from_tensors(cls, state: Mapping[str, torch.Tensor]) -> "Hyperprior":
-        """The hyperprior learners saved by `state_dict()`; their sizes come from the tensors."""
+    def from_tensors(cls, state: Mapping[str, torch.Tensor], *, source: str = "the checkpoint") -> "Hyperprior":
+        """The hyperprior learners saved by `state_dict()`; their sizes come from the tensors.
+        `source` (where they were read) is named if some are missing.
+
+        Raises:
+            ValueError: `state` lacks some of the tensors, or holds others."""
+        cls.check_keys(state, source=source)
         steps, context = state["step_size_weight"].shape
         hyperprior = cls(steps, context // 2, generator=torch.Generator())  # overwritten below: leave the global RNG alone
         hyperprior.load_state_dict({name: tensor.float() for name, tensor in state.items()})
         return hyperprior
+
+    @staticmethod
+    def check_keys(state: Mapping[str, torch.Tensor], *, source: str = "the checkpoint") -> None:
+        """Refuse a `state` that is not exactly the hyperprior learners' tensors, naming the missing
+        and unexpected ones (`load_state_dict` would only list them, without saying whose file)."""
+        missing = sorted(set(_TENSORS) - set(state))
+        unexpected = sorted(set(state) - set(_TENSORS))
+        if missing or unexpected:
+            details = "; ".join(part for part in (
+                f"missing {', '.join('hyperprior.' + name for name in missing)}" if missing else "",
+                f"unexpected {', '.join('hyperprior.' + name for name in unexpected)}" if unexpected else "") if part)
+            raise ValueError(f"{source} holds an incomplete set of E3BM hyperprior tensors: {details}")
 
     @property
     def steps(self) -> int:
