@@ -40,6 +40,26 @@ def test_a_batch_of_episodes_scores_as_each_episode_fitted_and_predicted_alone()
         assert accuracy == pytest.approx((predictions == tasks.query_labels()[:1]).float().mean().item())
 
 
+def test_fit_keeps_no_autograd_graph_even_with_learned_hyperprior_parameters(monkeypatch):
+    """E3BM's loaded hyperprior learners are parameters: outside no_grad every inner step would stay in a
+    graph while fitting. What the learner adapts inside fit carries none, cosine steps included."""
+    from metatransfer.config import BaseLearnerConfig
+
+    torch.manual_seed(0)
+    adapted = []
+    original = BaseLearner.adapt
+    monkeypatch.setattr(BaseLearner, "adapt", lambda self, *args, **kwargs: adapted.append(original(self, *args, **kwargs)) or adapted[-1])
+    support, query, labels = torch.randn(2, 10, 8), torch.randn(2, 6, 8), torch.arange(5).repeat(2).expand(2, -1)
+    for logits in ("linear", "cosine"):
+        config = BaseLearnerConfig(ensemble="e3bm", steps=3, logits=logits, init="kaiming")
+        learner = BaseLearner.from_config(config, BaseLearner.untrained(config, 8, n_way=5, seed=0).tensors())
+        assert all(p.requires_grad for p in learner.hyperprior.parameters())  # as loaded
+        model = FewShotModel(lambda x: x, learner, Preprocessing(image_size=16, channels=3, mean=MEAN, std=STD))
+        assert model.fit(support, labels, 5).predict(query).shape == (2, 6)
+        weight, bias = adapted[-1]
+        assert weight.grad_fn is None and bias.grad_fn is None and model.head[0].grad_fn is None
+
+
 def test_features_use_running_statistics_or_each_set_s_own():
     images = _images(6)
     frozen, batch = _model(), _model(bn_mode="batch")

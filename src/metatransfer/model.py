@@ -4,7 +4,7 @@
 meta-training, `FewShotClassifier` (and so `mtl predict`) and `mtl export` all hold. It is built
 once, by `metatransfer.loading` from a run directory or an export bundle, or by a training phase
 from the backbone it is training, and then does the two few-shot steps on features, as easyfsl's
-`FewShotClassifier` does on images: `fit(support, labels)` fine-tunes the base-learner (from its
+`FewShotClassifier` does on images: `fit(support, labels, n_way)` fine-tunes the base-learner (from its
 theta) on support features, `predict(query)` reads queries with the adapted FC. `features` turns
 uint8 images into those features (normalised as the training split was, averaged over the test-time
 views, BatchNorm frozen or per set), and `score` runs fit and predict on a batch of episodes that
@@ -149,9 +149,12 @@ class FewShotModel:
 
     # --- the two few-shot steps -----------------------------------------------------------------
 
+    @torch.no_grad()
     def fit(self, support: torch.Tensor, labels: torch.Tensor, n_way: int) -> "FewShotModel":
         """Fine-tune the base-learner on (T, M, D) support features with (T, M) labels in 0..n_way-1
-        (T tasks at once); returns self, holding the T adapted FCs."""
+        (T tasks at once); returns self, holding the T adapted FCs. Without a gradient: the
+        learner's tensors (E3BM's hyperprior learners are parameters) would otherwise keep every
+        inner step in an autograd graph; the cosine logits' step enables its own where it needs one."""
         weight, bias = self.learner.adapt(support, labels, n_way)
         self.head = (weight.detach(), bias.detach())
         return self
@@ -176,7 +179,7 @@ class FewShotModel:
         every support set (the paper's protocol)."""
         accuracies = []
         for start in range(0, tasks.n_tasks, chunk):
-            part = _task_slice(tasks, slice(start, start + chunk))
+            part = tasks.sliced(slice(start, start + chunk))
             support, support_labels, query, query_labels = _support_query(features, part, flipped)
             predictions = self.fit(support, support_labels, tasks.n_way).predict(query)
             accuracies.append((predictions == query_labels).float().mean(dim=1).cpu())
@@ -191,7 +194,7 @@ class FewShotModel:
 
         accuracies = []
         for t in progress_bar(range(tasks.n_tasks), desc="meta-test episodes", leave=False):
-            episode = gather_episode(images, _task_slice(tasks, slice(t, t + 1)))
+            episode = gather_episode(images, tasks.sliced(slice(t, t + 1)))
             support_images, support_labels = episode.support_images, episode.support_labels.to(self.device)
             if flipped:
                 support_images = torch.cat([support_images, support_images.flip(-2)], dim=1)
@@ -200,10 +203,6 @@ class FewShotModel:
             predictions = self.fit(support, support_labels, tasks.n_way).predict(query)
             accuracies.append((predictions == episode.query_labels.to(self.device)).float().mean().item())
         return np.asarray(accuracies)
-
-
-def _task_slice(tasks: TaskIndices, part: slice) -> TaskIndices:
-    return TaskIndices(tasks.support[part], tasks.query[part], tasks.class_ids[part], tasks.n_way, tasks.n_shot, tasks.n_query)
 
 
 def _support_query(features: torch.Tensor, tasks: TaskIndices,

@@ -32,6 +32,10 @@ class TaskIndices:
     def n_tasks(self) -> int:
         return self.support.shape[0]
 
+    def sliced(self, part: slice) -> "TaskIndices":
+        """The tasks `part` selects (a chunk to score, a rank's shard), with the same N, K and Q."""
+        return TaskIndices(self.support[part], self.query[part], self.class_ids[part], self.n_way, self.n_shot, self.n_query)
+
     def support_labels(self) -> torch.Tensor:
         """(T, N * K) labels 0..N-1."""
         return torch.arange(self.n_way).repeat_interleave(self.n_shot).expand(self.n_tasks, -1)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from metatransfer.config import Config
 from metatransfer.data.augment import augment_batch
-from metatransfer.data.episodes import Episode, TaskIndices, TaskSampler, gather_episode
+from metatransfer.data.episodes import Episode, TaskSampler, gather_episode
 from metatransfer.distributed import all_gather, all_reduce_gradients, all_reduce_sum, barrier, is_main, rank, rank_slice, world_size
 from metatransfer.evaluation import EpisodePlan, evaluate_split, validation_model
 from metatransfer.features import FeatureSettings, batch_statistics, forward_images
@@ -125,10 +125,6 @@ def meta_batch_loss(
     return losses.mean(), accuracy, class_loss
 
 
-def _task_slice(tasks: TaskIndices, part: slice) -> TaskIndices:
-    return TaskIndices(tasks.support[part], tasks.query[part], tasks.class_ids[part], tasks.n_way, tasks.n_shot, tasks.n_query)
-
-
 def _augmentation(config: Config, iteration: int, device: torch.device):
     """The pre-training augmentation for this meta-iteration's images (None when off), seeded by
     (seed, iteration) so a resumed run draws the same crops and flips."""
@@ -139,14 +135,12 @@ def _augmentation(config: Config, iteration: int, device: torch.device):
     return lambda x: augment_batch(x, kind=data.augment, padding=data.crop_padding, flip=data.hflip, jitter=data.color_jitter, generator=generator)
 
 
-def _learning_rates(config: Config, iteration: int) -> tuple[float, float]:
-    decay = config.meta_train.lr_gamma ** (iteration // config.meta_train.lr_decay_every)
-    return config.meta_train.lr_ss * decay, config.meta_train.lr_head * decay
-
-
-def _hyperprior_rate(config: Config, iteration: int) -> float:
-    """meta_train.lr_hyperprior, decayed as the other two rates."""
-    return config.meta_train.lr_hyperprior * config.meta_train.lr_gamma ** (iteration // config.meta_train.lr_decay_every)
+def _learning_rates(config: Config, iteration: int) -> dict[str, float]:
+    """Each optimizer group's rate at `iteration` (meta_train.lr_ss, lr_head, lr_hyperprior), all
+    decayed by lr_gamma every lr_decay_every iterations."""
+    meta = config.meta_train
+    decay = meta.lr_gamma ** (iteration // meta.lr_decay_every)
+    return {"adapt": meta.lr_ss * decay, "head": meta.lr_head * decay, "hyperprior": meta.lr_hyperprior * decay}
 
 
 def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
@@ -264,12 +258,13 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
     started = time.time()
     progress = progress_bar(range(start, meta.iterations), desc="meta-train", initial=start, total=meta.iterations, dynamic_ncols=True, disable=not is_main())
     for iteration in progress:
-        lr_ss, lr_head = _learning_rates(config, iteration)
+        rates = _learning_rates(config, iteration)
+        lr_ss, lr_head = rates["adapt"], rates["head"]
         for group in optimizer.param_groups:  # SS (or FT); if learned, theta / temperature; with E3BM, the hyperprior learners
-            group["lr"] = {"adapt": lr_ss, "head": lr_head, "hyperprior": _hyperprior_rate(config, iteration)}[group["name"]]
+            group["lr"] = rates[group["name"]]
         kind = hard.next_kind(iteration)
         tasks = hard.sample(kind, sampler, meta.n_tasks)
-        episode = gather_episode(train.images, _task_slice(tasks, shard))
+        episode = gather_episode(train.images, tasks.sliced(shard))
         loss, accuracy, class_loss = meta_batch_loss(backbone, learner, episode, config, preprocessing, _augmentation(config, iteration, device))
         loss_value = all_reduce_sum(loss.detach()).item() / world_size()  # every rank checks the same value
         if not np.isfinite(loss_value):
