@@ -292,7 +292,10 @@ def test_e3bm_runs_end_to_end_and_its_hyperprior_learners_reach_meta_test_predic
     last, best = (load_file(str(run / "meta_train" / f"{stem}.safetensors")) for stem in ("last", "best"))
     config = load_config("smoke", E3BM)
     start = BaseLearner.untrained(config.base_learner, last["head.weight"].shape[1], n_way=config.meta_train.n_way, seed=config.seed).tensors()
-    assert set(start) <= set(last) and any(not last[k].equal(start[k]) for k in start)  # meta-learned from their start
+    learned = sorted(k for k in start if k.startswith("hyperprior."))  # theta is not learned here (learn_theta=false)
+    assert set(start) <= set(last) and len(learned) == 6 and any(k.endswith("_init") for k in learned)
+    unmoved = [k for k in learned if last[k].equal(start[k])]
+    assert not unmoved, f"hyperprior tensors left at their start: {unmoved}"  # each one meta-learned, not just one of them
     from_run = FewShotClassifier.from_run(run, device="cpu")
     assert all(from_run.learner.tensors()[k].equal(best[k]) for k in start)  # the run's model is meta_train/best's
     export_run(run, tmp_path / "bundle", "safetensors", log=_quiet)
