@@ -76,12 +76,14 @@ def _match_csvs(
     csv_dir: Path,
     *,
     class_folders: bool = True,
+    split_folders: bool = False,
 ) -> dict[str, ClassList]:
     """Give every CSV row its file (`found`: file name -> path) and refuse files no CSV names.
 
     With `class_folders` (images in `<class>/` folders), classes must agree both ways: a class
     folder no CSV lists (an extra class) and a CSV class without images (a missing class) are both
-    errors that name the class, and a file's folder must be its CSV class.
+    errors that name the class, and a file's folder must be its CSV class. With `split_folders`
+    (`<split>/<class>/` trees), the folder above the class must be the file's CSV split.
     """
     listed = {label for split_rows in rows.values() for _, label in split_rows}
     on_disk = {Path(path).parent.name for path in found.values()} if class_folders else set()
@@ -102,6 +104,8 @@ def _match_csvs(
                     f"{where}: {csv_dir / (split + '.csv')} names {filename} (class {label}), "
                     f"which is not in the source; the copy is incomplete: fetch it again"
                 )
+            if split_folders and Path(path).parent.parent.name != split:
+                raise ValueError(f"{where}: {path} is a {split} image in another split's folder")
             if class_folders and Path(path).parent.name != label:
                 raise ValueError(
                     f"{where}: {path} lies in folder {Path(path).parent.name}, but "
@@ -160,12 +164,7 @@ def read_mini(source: Path, split_dir: Path | None) -> tuple[dict[str, ClassList
             )
         rows = _read_mini_csvs(csv_dir)
         found = _image_files([source / split for split in SPLITS], where)
-        splits = _match_csvs(rows, found, where, csv_dir)
-        for split in SPLITS:  # a file in the right class but the wrong split folder
-            for _, refs in splits[split]:
-                for _, path in refs:
-                    if Path(path).parent.parent.name != split:
-                        raise ValueError(f"{where}: {path} is a {split} image in another split's folder")
+        splits = _match_csvs(rows, found, where, csv_dir, split_folders=True)
         return splits, f"miniimagenet train/val/test class folders, checked against the CSVs in {csv_dir}"
     if (source / "train").is_dir() and (source / "val").is_dir() and not (source / "test").exists():
         if not has_csvs:
