@@ -14,11 +14,7 @@ from metatransfer.data.episodes import Episode
 from metatransfer.models.backbones import create_backbone
 from metatransfer.model import Preprocessing
 from metatransfer.models.head import BaseLearner, adapt_head, expand_head, head_logits
-from metatransfer.models.scale_shift import (
-    ScaleShiftConv2d,
-    apply_scale_shift,
-    scale_shift_parameters,
-)
+from metatransfer.models.scale_shift import apply_scale_shift, scale_shift_parameters
 from metatransfer.features import FeatureSettings, forward_images
 from metatransfer.phases.meta_train import meta_batch_loss
 
@@ -90,9 +86,9 @@ def test_first_order_matches_the_one_forward_reference():
 
 def test_first_order_backpropagates_through_the_query_images_only():
     backbone, head_weight, head_bias, episode, config = _setup()
-    first_conv = next(m for m in backbone.modules() if isinstance(m, ScaleShiftConv2d))
-    graphs: list[tuple[int, bool]] = []  # (batch size, output has a graph) of each forward of the first conv
-    first_conv.register_forward_hook(lambda module, args, output: graphs.append((output.shape[0], output.requires_grad)))
+    first_activation = next(m for m in backbone.modules() if isinstance(m, torch.nn.ReLU))  # after the first conv and BN, folded or not
+    graphs: list[tuple[int, bool]] = []  # (batch size, output has a graph) of each forward of the first block's activation
+    first_activation.register_forward_hook(lambda module, args, output: graphs.append((output.shape[0], output.requires_grad)))
     meta_batch_loss(backbone, _learner(config, head_weight, head_bias), episode, config, PREPROCESSING)
     support, query = episode.support_images.shape[:2].numel(), episode.query_images.shape[:2].numel()
     assert graphs == [(support, False), (query, True)]

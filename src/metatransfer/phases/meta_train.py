@@ -32,6 +32,7 @@ from metatransfer.evaluation import EpisodePlan, evaluate_split, validation_mode
 from metatransfer.features import FeatureSettings, batch_statistics, forward_images
 from metatransfer.loading import backbone_meta, load_pretrained_backbone, pretrained_stem, shot_best_stem
 from metatransfer.model import Preprocessing
+from metatransfer.models.fuse import folded_view
 from metatransfer.models.head import BaseLearner, per_class_accuracy
 from metatransfer.models.scale_shift import apply_scale_shift, scale_shift_parameters
 from metatransfer.phases import pretrain
@@ -76,6 +77,8 @@ def _task_features(backbone: nn.Module, episode: Episode, config: Config, device
     settings = FeatureSettings(mean=preprocessing.mean, std=preprocessing.std, device=device, amp=config.amp,
                                channels_last=config.channels_last)  # training steps see single images: no test-time views
     T, n_support = episode.support_labels.shape
+    if config.model.bn_mode == "frozen":  # BN at running statistics: folded into its conv at each call, the same function
+        backbone = folded_view(backbone)
     if config.model.bn_mode == "frozen" and config.meta_train.first_order:
         # First order gives the support features no gradient: forwarding them without a graph means
         # the backward (2x a forward) runs over the N*Q query images only, not all N*(K+Q).
