@@ -205,6 +205,17 @@ def test_settings_that_do_not_work_together_are_refused_before_a_run(overrides, 
     check_config(load_config("smoke", ["base_learner.ensemble=e3bm", "base_learner.ensemble_init=equal"]))
 
 
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_preset_takes_e3bm_with_either_start(preset):
+    from metatransfer.config import check_config
+
+    source = ["transfer.source=/some/run"] if load_config(preset).pretrain.epochs == 0 else []  # transfer-cpu: run with --init-from
+    for start in ("last", "equal"):
+        config = load_config(preset, [*source, "base_learner.ensemble=e3bm", f"base_learner.ensemble_init={start}"])
+        check_config(config)
+        assert config.base_learner.ensemble == "e3bm" and config.base_learner.steps > 0
+
+
 def test_the_cli_checks_combinations_before_writing_the_run_dir(tmp_path, capsys):
     from metatransfer.cli import main
 
