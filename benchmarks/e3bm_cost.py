@@ -78,8 +78,28 @@ def meta_iteration(config: Config, args: argparse.Namespace, episode: Episode, d
     return step
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def time_alternately(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """The median seconds of each step, timed in turn (A-B-A-B...) after two warm-up calls of each
+    (allocator, oneDNN/cuDNN kernel choice), so a change of machine load weighs on all; prints every time."""
+    for step in steps.values():
+        step()
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - started)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    for name, values in times.items():
+        print(f"{name:8s} meta-iteration: median {median[name] * 1000:8.1f} ms  (all: {', '.join(f'{v * 1000:.0f}' for v in values)})")
+    return median
+
+
+def meta_iteration_setup(description: str) -> tuple[argparse.Namespace, Config, Episode, torch.device]:
+    """The command line shared by the meta-iteration benchmarks, and what it sets: the plain MTL
+    config, one random meta-batch and the device (torch's thread count set as asked)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--backbone", default="resnet12")
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--image-size", type=int, default=32)
@@ -98,8 +118,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-
     config = Config()
     config.amp, config.channels_last = args.amp, True
     config.meta_train.first_order, config.meta_train.n_way = args.first_order, args.n_way
@@ -107,25 +125,22 @@ def main() -> None:
     if args.logits == "cosine":
         config.base_learner = dataclasses.replace(config.base_learner, logits="cosine", fc_init="prototypes", feature_centre=True,
                                                   temperature=8.0, learn_theta=False, lr=0.1)
-    e3bm = dataclasses.replace(config, base_learner=dataclasses.replace(config.base_learner, ensemble="e3bm"))
     episode = random_episode(args.n_tasks, args.n_way, args.n_shot, args.n_query, args.image_size)
+    return args, config, episode, resolve_device(args.device)
+
+
+def setting_of(args: argparse.Namespace, device: torch.device) -> str:
+    return (f"{args.backbone} x{args.width}, {args.image_size} px, {args.n_tasks} tasks {args.n_way}-way {args.n_shot}-shot "
+            f"{args.n_query}-query, {args.steps} steps, {args.logits} logits, {'first' if args.first_order else 'second'} order, "
+            f"{device.type}{', bf16 autocast' if args.amp else ''}, {torch.get_num_threads()} threads")
+
+
+def main() -> None:
+    args, config, episode, device = meta_iteration_setup(__doc__.split("\n\n")[0])
+    e3bm = dataclasses.replace(config, base_learner=dataclasses.replace(config.base_learner, ensemble="e3bm"))
     steps = {"MTL": meta_iteration(config, args, episode, device), "E3BM": meta_iteration(e3bm, args, episode, device)}
-    for step in steps.values():  # warm-up: allocator, oneDNN/cuDNN kernel choice
-        step()
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.repeats):
-        for name, step in steps.items():
-            started = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - started)
-    median = {name: statistics.median(values) for name, values in times.items()}
-    setting = (f"{args.backbone} x{args.width}, {args.image_size} px, {args.n_tasks} tasks {args.n_way}-way {args.n_shot}-shot "
-               f"{args.n_query}-query, {args.steps} steps, {args.logits} logits, {'first' if args.first_order else 'second'} order, "
-               f"{device.type}{', bf16 autocast' if args.amp else ''}, {torch.get_num_threads()} threads")
-    for name, values in times.items():
-        print(f"{name:5s} meta-iteration: median {median[name] * 1000:8.1f} ms  (all: {', '.join(f'{v * 1000:.0f}' for v in values)})")
-    print(f"E3BM / MTL meta-iteration: {median['E3BM'] / median['MTL']:.2f}x ({setting})")
+    median = time_alternately(steps, args.repeats)
+    print(f"E3BM / MTL meta-iteration: {median['E3BM'] / median['MTL']:.2f}x ({setting_of(args, device)})")
 
 
 if __name__ == "__main__":
