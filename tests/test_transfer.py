@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,18 @@ def test_a_finished_transfer_resumes_without_its_source(tmp_path, smoke_run, pre
     assert main(["pretrain", "--preset", "smoke", "--init-from", str(source), *args]) == 0
     shutil.rmtree(source)  # moved away or rebuilt: pre-training no longer reads it
     assert main(["run", "--resume", str(out)]) == 0
+
+
+def test_a_run_still_pre_training_is_named_unfinished_where_its_backbone_is_used(tmp_path, smoke_run, prepared_omniglot):  # noqa: F811
+    assert read_init_source(smoke_run).unfinished == ""
+    running = tmp_path / "running"
+    shutil.copytree(smoke_run, running)
+    last = running / "pretrain" / "last.json"
+    last.write_text(json.dumps({**json.loads(last.read_text()), "complete": False, "epoch": 1}))
+    unfinished = read_init_source(running).unfinished
+    assert "unfinished (at epoch 1 of" in unfinished and f"mtl run --resume {running}" in unfinished
+    root, name = prepared_omniglot
+    out, said = tmp_path / "transfer", []
+    assert main(["pretrain", "--preset", "smoke", "--data-root", str(root), "--out", str(out), "--init-from", str(running),
+                 f"data.name={name}", "pretrain.epochs=0", "device=cpu"]) == 0
+    assert json.loads((out / "init_from.json").read_text())["unfinished"] == unfinished

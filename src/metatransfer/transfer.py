@@ -52,6 +52,8 @@ class InitSource:
         sha256: checksum of its tensors file (run: pretrain/best.safetensors; bundle: backbone file).
         mean, std: the input normalisation it was trained with (None if unknown).
         dataset: the dataset it was trained on.
+        unfinished: for a run whose pre-training is still under way, says so ("" otherwise): its
+            pretrain/best is the best epoch so far, not the run's final backbone.
     """
 
     path: Path
@@ -65,6 +67,7 @@ class InitSource:
     std: tuple[float, ...] | None
     dataset: str
     bundle: dict[str, Any] | None = None  # a bundle's bundle.json, already checked
+    unfinished: str = ""
 
     def describe(self) -> str:
         return f"{self.backbone} x{self.width:g} with {self.in_chans} input channel(s), trained on {self.dataset}"
@@ -84,8 +87,14 @@ def _run_source(path: Path) -> InitSource:
             mean, std = tuple(manifest["mean"]), tuple(manifest["std"])
         except (FileNotFoundError, ValueError):
             pass  # only transfer.normalisation=source needs them; it says so then
+    last = path / "pretrain" / "last.json"
+    progress = json.loads(last.read_text()) if last.is_file() else {}
+    unfinished = "" if progress.get("complete", True) else (
+        f"its pre-training is unfinished (at epoch {progress.get('epoch')} of {config.pretrain.epochs}): this is its best epoch so far, "
+        f"{meta.get('epoch')}; finish it with `mtl run --resume {path}` for the final backbone")
     return InitSource(path=path, kind="run", backbone=meta["backbone"], width=float(meta["width"]), in_chans=int(meta["in_chans"]),
-                      out_features=int(meta["out_features"]), sha256=meta["sha256"], mean=mean, std=std, dataset=meta.get("dataset", config.data.name))
+                      out_features=int(meta["out_features"]), sha256=meta["sha256"], mean=mean, std=std, dataset=meta.get("dataset", config.data.name),
+                      unfinished=unfinished)
 
 
 def _bundle_source(path: Path) -> InitSource:
@@ -226,5 +235,5 @@ def load_init_backbone(config: Config, backbone: nn.Module, in_chans: int, std: 
         if in_chans == 1 else "RGB data, grey backbone: the convs that read the image spread over R, G, B with luma weights (= grey by ITU-R 601)")
     return {"path": str(source.path), "kind": source.kind, "sha256": source.sha256, "dataset": source.dataset,
             "source_in_chans": source.in_chans, "in_chans": in_chans, "channel_conversion": conversion,
-            "normalisation": config.transfer.normalisation}
+            "normalisation": config.transfer.normalisation, **({"unfinished": source.unfinished} if source.unfinished else {})}
 

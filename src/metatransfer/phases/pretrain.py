@@ -242,7 +242,7 @@ def run(config: Config, run_dir: Path, *, log=print) -> dict[str, Any]:
         if is_main():
             write_json(run_dir / "init_from.json", provenance)
         log(f"pre-train starts from {provenance['path']} ({provenance['kind']}, trained on {provenance['dataset']}); "
-            f"channels: {provenance['channel_conversion']}")
+            f"channels: {provenance['channel_conversion']}" + (f"; note: {provenance['unfinished']}" if "unfinished" in provenance else ""))
     metrics.rewind(["pretrain"], start_epoch if checkpoint_exists(last_stem) else -1)
 
     def validate(epoch: int) -> dict[str, float]:
