@@ -21,6 +21,15 @@ from metatransfer.models.scale_shift import ScaleShiftConv2d, fold_scale_shift
 __all__ = ["FoldedConvBN", "folded_view", "fuse_batch_norm", "inference_copy"]
 
 
+def _fold(weight: torch.Tensor, bias: torch.Tensor | None, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of one conv equal to conv (`weight`, `bias`) -> `norm` at its running statistics."""
+    factor = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.affine:
+        factor = factor * norm.weight
+    bias = -norm.running_mean * factor if bias is None else (bias - norm.running_mean) * factor
+    return weight * factor.view(-1, 1, 1, 1), bias + norm.bias if norm.affine else bias
+
+
 @torch.no_grad()
 def fuse_batch_norm(model: nn.Module) -> nn.Module:
     """In place: every BatchNorm2d registered right after a Conv2d sibling is folded into it."""
@@ -29,11 +38,9 @@ def fuse_batch_norm(model: nn.Module) -> nn.Module:
         for previous, name in zip(names, names[1:]):
             conv, norm = parent._modules[previous], parent._modules[name]
             if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
-                factor = (norm.weight if norm.affine else torch.ones_like(norm.running_var)) / torch.sqrt(norm.running_var + norm.eps)
-                shift = norm.bias if norm.affine else torch.zeros_like(norm.running_mean)
-                bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
-                conv.weight.copy_(conv.weight * factor.view(-1, 1, 1, 1))
-                conv.bias = nn.Parameter((bias - norm.running_mean) * factor + shift, requires_grad=False)
+                weight, bias = _fold(conv.weight, conv.bias, norm)
+                conv.weight.copy_(weight)
+                conv.bias = nn.Parameter(bias, requires_grad=False)
                 parent._modules[name] = nn.Identity()
     return model
 
@@ -56,18 +63,10 @@ class FoldedConvBN(nn.Module):
         self.conv, self.norm = conv, norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv, norm = self.conv, self.norm
-        if isinstance(conv, ScaleShiftConv2d):
-            weight, bias = conv.weight * conv.scale, conv.shift if conv.bias is None else conv.bias + conv.shift
-        else:
-            weight, bias = conv.weight, conv.bias
-        factor = torch.rsqrt(norm.running_var + norm.eps)
-        if norm.affine:
-            factor = factor * norm.weight
-        bias = -norm.running_mean * factor if bias is None else (bias - norm.running_mean) * factor
-        if norm.affine:
-            bias = bias + norm.bias
-        return F.conv2d(x, weight * factor.view(-1, 1, 1, 1), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        conv = self.conv
+        weight, bias = conv.scaled_weight_and_bias() if isinstance(conv, ScaleShiftConv2d) else (conv.weight, conv.bias)
+        weight, bias = _fold(weight, bias, self.norm)
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def _is_conv(module: nn.Module | None) -> bool:

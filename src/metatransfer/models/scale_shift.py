@@ -156,6 +156,10 @@ class ScaleShiftConv2d(nn.Module):
             groups=self.groups,
         )
 
+    def scaled_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W * scale`` and ``b + shift`` (b = 0 if None), differentiable in scale and shift."""
+        return self.weight * self.scale, self.shift if self.bias is None else self.bias + self.shift
+
     @torch.no_grad()
     def fold(self) -> nn.Conv2d:
         """Plain ``nn.Conv2d``, weight ``W * scale`` and bias ``b + shift`` (b = 0 if None)."""
@@ -171,8 +175,9 @@ class ScaleShiftConv2d(nn.Module):
             device=self.weight.device,
             dtype=self.weight.dtype,
         )
-        conv.weight.copy_(self.weight * self.scale)
-        conv.bias.copy_(self.shift if self.bias is None else self.bias + self.shift)
+        weight, bias = self.scaled_weight_and_bias()
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias)
         return conv.train(self.training)
 
     def extra_repr(self) -> str:
