@@ -60,3 +60,22 @@ def test_one_run_scored_with_and_without_test_time_shifts_pairs_with_itself(tmp_
     assert len(lines) == 2 and "A shift 2, B shift 0" in lines[0]
     assert lines[0].endswith("models: A 58.00 - B 55.00 = +3.00 +- 0.00 (paired)")  # every episode differs by exactly 3
     assert "starts: A 42.00 - B 40.00 = +2.00 +- 0.00" in lines[1]
+
+
+def test_one_source_prepared_at_two_sizes_pairs_only_when_its_manifests_list_the_same_images(tmp_path: Path) -> None:
+    """glyphs (32 px) against glyphs-84: the same classes and counts give the same seeded episodes; other classes do not."""
+    a = _fake_run(tmp_path / "a", model=[0.5, 0.6], start=[0.4, 0.4], flip=False)
+    b = _fake_run(tmp_path / "b", model=[0.4, 0.5], start=[0.4, 0.4], flip=False)
+    results = json.loads((b / "results.json").read_text())
+    (b / "results.json").write_text(json.dumps([{**result, "dataset": "fc100-84"} for result in results]))
+    splits = {"test": {"classes": ["apple", "bee"], "num_images": 4, "images_per_class": [2, 2]}}
+    for name, test_classes in (("fc100", ["apple", "bee"]), ("fc100-84", ["apple", "bee"]), ("other", ["apple", "cat"])):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        manifest = {"splits": {"test": {**splits["test"], "classes": test_classes}}}
+        (tmp_path / "data" / name / "manifest.json").write_text(json.dumps(manifest))
+
+    assert paired.compare(paired._settings(a, None), paired._settings(b, None))[0].endswith("skipped")  # names differ, nothing checked
+    assert paired.same_splits(tmp_path / "data", "fc100", "fc100-84") and not paired.same_splits(tmp_path / "data", "fc100", "other")
+    lines = paired.compare(paired._settings(a, None), paired._settings(b, None),
+                           lambda name_a, name_b: paired.same_splits(tmp_path / "data", name_a, name_b))
+    assert lines[0].startswith("fc100 / fc100-84 test") and lines[0].endswith("A 55.00 - B 45.00 = +10.00 +- 0.00 (paired)")
