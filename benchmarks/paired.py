@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -54,20 +53,20 @@ def same_splits(data_root: Path, name_a: str, name_b: str) -> bool:
     return manifests[0]["splits"] == manifests[1]["splits"]
 
 
-def compare(a: dict[tuple, tuple[dict, dict]], b: dict[tuple, tuple[dict, dict]],
-            alike: Callable[[str, str], bool] = lambda name_a, name_b: name_a == name_b) -> list[str]:
+def compare(a: dict[tuple, tuple[dict, dict]], b: dict[tuple, tuple[dict, dict]], data_root: Path | None = None) -> list[str]:
     """One line per setting both runs have: their models, A - B paired; then their pre-trained starts,
     where both runs scored one (a run's start is its backbone before meta-training, so this line
-    compares two pre-trainings). `alike` says whether two dataset names give the same episodes."""
+    compares two pre-trainings). With `data_root`, two datasets with the same splits (`same_splits`) pair."""
     lines = []
     for key in sorted(set(a) & set(b)):
         (result_a, episodes_a), (result_b, episodes_b) = a[key], b[key]
         split, way, shot, protocol, checkpoint, flip, _ = key
         shifts = ", ".join(f"{run} shift {r.get('shift_views', 0)}" for run, r in (("A", result_a), ("B", result_b)))
-        datasets = " / ".join(dict.fromkeys((result_a["dataset"], result_b["dataset"])))
-        setting = (f"{datasets} {split} {way}-way {shot}-shot ({protocol}, {checkpoint}{', flip' if flip else ''}, {shifts}, "
+        name_a, name_b = result_a["dataset"], result_b["dataset"]
+        setting = (f"{name_a if name_a == name_b else f'{name_a} / {name_b}'} {split} {way}-way {shot}-shot ({protocol}, {checkpoint}{', flip' if flip else ''}, {shifts}, "
                    f"{len(episodes_a['per_episode_accuracy'])} episodes)")
-        same = alike(result_a["dataset"], result_b["dataset"]) and (result_a["seed"], result_a["query"]) == (result_b["seed"], result_b["query"])
+        alike = name_a == name_b or (data_root is not None and same_splits(data_root, name_a, name_b))
+        same = alike and (result_a["seed"], result_a["query"]) == (result_b["seed"], result_b["query"])
         if not same or len(episodes_a["per_episode_accuracy"]) != len(episodes_b["per_episode_accuracy"]):
             lines.append(f"{setting}: not the same episodes (dataset, seed, queries or count differ; --data-root pairs one source at two sizes); skipped")
             continue
@@ -90,8 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     if (args.shift_a is None) != (args.shift_b is None):
         parser.error("give --shift-a and --shift-b together (each run's rows of those shifts pair with each other)")
-    alike = lambda name_a, name_b: name_a == name_b or (args.data_root is not None and same_splits(args.data_root, name_a, name_b))
-    lines = compare(_settings(args.run_a, args.dataset, args.shift_a), _settings(args.run_b, args.dataset, args.shift_b), alike)
+    lines = compare(_settings(args.run_a, args.dataset, args.shift_a), _settings(args.run_b, args.dataset, args.shift_b), args.data_root)
     print("\n".join(lines) if lines else "No setting was scored alike in both runs (split, way, shot, protocol, checkpoint, flip "
           "and test-time shifts): rescore one with `mtl meta-test --resume`, or pair other shifts with --shift-a/--shift-b.")
 

@@ -76,6 +76,5 @@ def test_one_source_prepared_at_two_sizes_pairs_only_when_its_manifests_list_the
 
     assert paired.compare(paired._settings(a, None), paired._settings(b, None))[0].endswith("skipped")  # names differ, nothing checked
     assert paired.same_splits(tmp_path / "data", "fc100", "fc100-84") and not paired.same_splits(tmp_path / "data", "fc100", "other")
-    lines = paired.compare(paired._settings(a, None), paired._settings(b, None),
-                           lambda name_a, name_b: paired.same_splits(tmp_path / "data", name_a, name_b))
+    lines = paired.compare(paired._settings(a, None), paired._settings(b, None), tmp_path / "data")
     assert lines[0].startswith("fc100 / fc100-84 test") and lines[0].endswith("A 55.00 - B 45.00 = +10.00 +- 0.00 (paired)")
