@@ -320,7 +320,7 @@ def test_the_readme_runs_as_written_on_small_data(prepared_fc100, prepared_omnig
             walk.step(words)
             print(f"[docs test] {time.time() - started:5.1f} s  {' '.join(words)}")
         assert (cwd / "predictions.csv").is_file() and (cwd / "exported" / "bundle.json").is_file()
-        assert (cwd / "runs" / "fc100" / "results-other.json").is_file()
+        assert (cwd / "runs" / "mine" / "results-other.json").is_file()
         _run_the_python_section(cwd)
     finally:
         torch.set_num_threads(threads)
