@@ -44,7 +44,7 @@ from metatransfer.data.cache import SPLITS, load_split, write_cache
 REPO = Path(__file__).resolve().parents[1]
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 # The reader's own files, which the documents ask for and no command makes.
-USER_FILES = {"my_images", "my_support", "my_queries", "other_images", "mini_standard", "mini_by_image"}
+USER_FILES = {"my_images", "my_support", "my_queries", "other_images", "mini_standard", "mini_by_image", "glyphs"}
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```[ \t]*$", re.M | re.S)
 _COMMAND = re.compile(r"^\s*(\$ )?(mtl|\.venv/bin/|python3? |torchrun|srun|pip |bash )")
 _ASSIGNMENT = re.compile(r"^[A-Za-z_]\w*=(\$\(.*\)|\S*)\s*$")
