@@ -35,6 +35,9 @@ def _settings(run_dir: Path, dataset: str | None, shift_views: int | None = None
     (so they pair with another run's rows of other shifts)."""
     results_path = run_dir / (f"results-{dataset}.json" if dataset else "results.json")
     episodes_dir = run_dir / "meta_test" / (dataset or "")
+    if not results_path.is_file():
+        raise SystemExit(f"{results_path} does not exist: score {run_dir} first (mtl meta-test --resume {run_dir}"
+                         + (f" --dataset {dataset})" if dataset else ")"))
     found = {}
     for result in json.loads(results_path.read_text()):
         shifts = result.get("shift_views", 0)

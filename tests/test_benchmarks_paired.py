@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from metatransfer.phases.meta_test import write_results
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paired.py"
@@ -78,3 +80,9 @@ def test_one_source_prepared_at_two_sizes_pairs_only_when_its_manifests_list_the
     assert paired.same_splits(tmp_path / "data", "fc100", "fc100-84") and not paired.same_splits(tmp_path / "data", "fc100", "other")
     lines = paired.compare(paired._settings(a, None), paired._settings(b, None), tmp_path / "data")
     assert lines[0].startswith("fc100 / fc100-84 test") and lines[0].endswith("A 55.00 - B 45.00 = +10.00 +- 0.00 (paired)")
+
+
+def test_a_run_not_yet_scored_is_named_with_the_command_that_scores_it(tmp_path: Path) -> None:
+    (tmp_path / "unscored").mkdir()
+    with pytest.raises(SystemExit, match=r"results-glyphs.json does not exist: score .*unscored first \(mtl meta-test --resume .* --dataset glyphs\)"):
+        paired._settings(tmp_path / "unscored", "glyphs")
